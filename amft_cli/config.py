@@ -1,0 +1,312 @@
+"""Every knob of a run, documented once, plus preset loading and --set overrides.
+
+A config is a tree of dataclasses. Each field's `help` says what it does and,
+where it matters, where its default comes from; `amft ... --help` and the
+preset comments read the same text. This module imports nothing else from
+the project.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+ALGOS = ("sft", "rl", "sft-rl", "mix", "amft")
+
+
+class ConfigError(ValueError):
+    """A user mistake in a preset, a flag or an override; printed as one line."""
+
+
+def knob(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with its one piece of documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+# ---------------------------------------------------------------------------
+# sections
+
+
+@dataclass
+class TaskConfig:
+    name: str = knob("tiny-math", "Task family: tiny-math | gp | virl | math.")
+    format: str = knob("compact", "Prompt/response format: 'compact' for the tiny character models, "
+                       "'full' for instruct models (JSON answers for GP, chat prompts for math).")
+    data_dir: str = knob("data/tiny-math", "Where `amft prepare` writes the generated splits (JSONL).")
+    train_path: str = knob("", "Math only: local parquet/jsonl file or hub dataset id of the training "
+                           "set (OpenR1-Math-46k layout: prompt, target, reward_model.ground_truth).")
+    eval_sets: list = knob([], "Math only: eval benchmarks to load (math500, aime24, ...); empty = the task's defaults.")
+    eval_dir: str = knob("", "Math only: folder holding local copies of the eval benchmarks (<name>.jsonl|parquet).")
+    train_size: int = knob(20000, "Generated training examples (generated tasks).")
+    val_size: int = knob(256, "Held-out demonstrations/prompts used for the entropy target H* and the meta-gradient utility.")
+    test_size: int = knob(500, "Unseen ID test examples (never in train or val).")
+    ood_size: int = knob(500, "Out-of-distribution test examples (changed rule or larger operands).")
+    seed: int = knob(1234, "Seed of the data generator; the same seed gives the same splits.")
+    reward: str = knob("", "Optional custom reward 'pkg.module:fn', TRL contract: "
+                       "fn(prompts, completions, **columns) -> list[float | None]; None falls back to the task verifier.")
+
+
+@dataclass
+class ModelConfig:
+    path: str = knob("data/tiny-math/model", "HF hub id or local path of the policy (tiny presets: the model `prepare` builds).")
+    arch: str = knob("qwen2", "Tiny model only: decoder architecture built by `prepare` (qwen2 | llama).")
+    hidden_size: int = knob(128, "Tiny model only: width. 128 with 4 layers is ~0.86M parameters (DESIGN §5).")
+    num_layers: int = knob(4, "Tiny model only: transformer blocks.")
+    num_heads: int = knob(4, "Tiny model only: attention heads.")
+    dtype: str = knob("float32", "Weights/compute dtype: float32 | bfloat16 | float16 (bf16 on GPUs).")
+    device: str = knob("auto", "auto (cuda if present, else cpu) | cpu | cuda | cuda:N.")
+    lora_rank: int = knob(0, "LoRA rank via peft; 0 trains all weights.")
+    lora_alpha: int = knob(32, "LoRA scaling numerator (peft's lora_alpha).")
+    chat_template: bool = knob(False, "Wrap prompts with the tokenizer's chat template (instruct models).")
+    gradient_checkpointing: bool = knob(False, "Trade compute for memory on large models.")
+
+
+@dataclass
+class TrainConfig:
+    algo: str = knob("amft", "How μ is set (DESIGN §2): sft (μ=1) | rl (GRPO, μ=0) | sft-rl | mix | amft (learned).")
+    steps: int = knob(500, "Optimizer steps. The AMFT authors train 500.")
+    sft_batch_size: int = knob(64, "Demonstrations per step for the SFT loss.")
+    prompts_per_step: int = knob(32, "Prompts per step for the RL loss; each gets rl.group_size rollouts.")
+    lr: float = knob(1e-6, "AdamW learning rate of the SFT part (and of RL too when rl_lr is 0). "
+                     "Paper: 1e-6 for 7B models; the tiny from-scratch models need ~1e-3.")
+    rl_lr: float = knob(0.0, "0 = one optimizer on μ·L_SFT+(1−μ)·L_RL (the paper). >0 = the RL part gets its own "
+                        "AdamW at this rate and the update is μ·Δ_SFT + (1−μ)·Δ_RL: Adam normalises away loss "
+                        "scales, so this is the only way to give GRPO a smaller step (tiny models: ~1e-5).")
+    weight_decay: float = knob(0.0, "AdamW weight decay.")
+    grad_clip: float = knob(1.0, "Max global gradient norm per part (0 disables).")
+    lr_warmup_steps: int = knob(0, "Linear learning-rate warm-up steps (not AMFT's SFT warm-up).")
+    sft_rl_switch: int = knob(100, "sft-rl only: steps of SFT before switching to pure RL.")
+    mix_mu: float = knob(0.5, "mix only: the constant μ.")
+    log_every: int = knob(10, "Plain log line every N steps off a terminal (metrics.jsonl gets every step).")
+    save_every: int = knob(100, "Checkpoint every N steps (and at the end, and on Ctrl-C).")
+    keep_checkpoints: int = knob(2, "How many step-N checkpoints to keep.")
+    eval_at_end: bool = knob(True, "Greedy accuracy on unseen ID test problems before and after training.")
+    eval_limit: int = knob(500, "Test examples used by eval_at_end.")
+
+
+@dataclass
+class RLConfig:
+    group_size: int = knob(8, "Rollouts per prompt (GRPO group). Paper: 8.")
+    max_new_tokens: int = knob(1024, "Rollout length cap.")
+    temperature: float = knob(1.0, "Rollout sampling temperature.")
+    top_p: float = knob(1.0, "Rollout nucleus sampling.")
+    clip_eps: float = knob(0.2, "PPO clip ε (GRPO).")
+    clip_eps_high: float = knob(0.0, "Upper clip ε (DAPO's clip-higher); 0 = same as clip_eps.")
+    scale_adv_by_std: bool = knob(True, "Divide group advantages by the group std (GRPO); false = Dr. GRPO.")
+    kl_beta: float = knob(0.0, "KL-to-reference weight; 0 keeps no reference copy (default of LUFFY/AMFT).")
+    loss_agg: str = knob("token-mean", "Loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum.")
+    backend: str = knob("hf", "Rollout engine: hf (batched, KV cache; any device) | vllm (GPU, optional extra).")
+    vllm_gpu_memory: float = knob(0.4, "vllm only: fraction of GPU memory vLLM may take.")
+
+
+@dataclass
+class AMFTConfig:
+    mu_init: float = knob(0.8, "μ₀ after warm-up. Authors' config: 0.8.")
+    mu_min: float = knob(0.05, "Lower clip of μ. Authors: 0.05.")
+    mu_max: float = knob(0.95, "Upper clip of μ. Authors: 0.95.")
+    eta_meta: float = knob(1e-4, "Meta-gradient step η_meta. Authors: 1e-4.")
+    eta_entropy: float = knob(5e-4, "Entropy-term step η_H in Δ_H = η_H(H* − H). Authors: 5e-4.")
+    meta_every: int = knob(20, "K: meta-gradient update every K steps. Authors: 20.")
+    warmup_steps: int = knob(50, "W: pure-SFT steps before the controller starts; H* is measured after them. Authors: 50.")
+    utility: str = knob("reward", "Validation utility U: reward (verifier reward on held-out prompts) | nll (−NLL of held-out demos).")
+    meta_grad_norm: str = knob("cosine", "cosine: cosines instead of dot products, so η_meta is scale-free | raw: α·⟨∇U, g_RL − g_SFT⟩.")
+    meta_prompts: int = knob(8, "Held-out prompts (× group_size rollouts) per meta-gradient estimate of ∇U.")
+
+
+@dataclass
+class EvalConfig:
+    k: int = knob(8, "Samples per prompt for avg@k / pass@k.")
+    temperature: float = knob(0.6, "Sampling temperature for avg@k (DESIGN §5: 0.6).")
+    top_p: float = knob(1.0, "Nucleus sampling for avg@k.")
+    max_new_tokens: int = knob(1024, "Completion length cap at eval.")
+    batch_size: int = knob(256, "Prompts × samples generated together.")
+    limit: int = knob(0, "Evaluate only the first N examples of each split (0 = all).")
+
+
+@dataclass
+class Config:
+    description: str = knob("", "One line shown by `amft presets`.")
+    seed: int = knob(0, "Seed of model init, data order and sampling.")
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    amft: AMFTConfig = field(default_factory=AMFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SECTIONS = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig,
+            "rl": RLConfig, "amft": AMFTConfig, "eval": EvalConfig}
+
+
+# ---------------------------------------------------------------------------
+# validation
+
+
+def validate(cfg: Config) -> Config:
+    """Reject values that would make a run meaningless; messages name the key."""
+    checks = [
+        (cfg.train.algo in ALGOS, "train.algo", f"one of {', '.join(ALGOS)}"),
+        (cfg.task.name in ("tiny-math", "gp", "virl", "math"), "task.name", "tiny-math, gp, virl or math"),
+        (cfg.task.format in ("compact", "full"), "task.format", "compact or full"),
+        (cfg.train.steps >= 1, "train.steps", "an integer >= 1"),
+        (cfg.train.lr > 0, "train.lr", "a positive float"),
+        (cfg.train.rl_lr >= 0, "train.rl_lr", "0 (shared optimizer) or a positive float"),
+        (0 <= cfg.train.mix_mu <= 1, "train.mix_mu", "a float in [0, 1]"),
+        (cfg.rl.group_size >= 2, "rl.group_size", "an integer >= 2 (group-normalised advantages)"),
+        (cfg.rl.backend in ("hf", "vllm"), "rl.backend", "hf or vllm"),
+        (cfg.rl.loss_agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"), "rl.loss_agg",
+         "token-mean, seq-mean-token-mean or seq-mean-token-sum"),
+        (0 <= cfg.amft.mu_min <= cfg.amft.mu_max <= 1, "amft.mu_min/mu_max", "0 <= mu_min <= mu_max <= 1"),
+        (cfg.amft.utility in ("reward", "nll"), "amft.utility", "reward or nll"),
+        (cfg.amft.meta_grad_norm in ("cosine", "raw"), "amft.meta_grad_norm", "cosine or raw"),
+        (cfg.amft.meta_every >= 1, "amft.meta_every", "an integer >= 1"),
+        (cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32, bfloat16 or float16"),
+        (cfg.eval.k >= 1, "eval.k", "an integer >= 1"),
+    ]
+    for ok, key, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key}: expected {expected}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------
+# loading, overrides, saving
+
+
+def _coerce(value: Any, typ: type, key: str) -> Any:
+    """Type-check a TOML value or parse a --set string into the field's type."""
+    want = typ if get_origin(typ) is None else get_origin(typ)
+    if isinstance(value, str) and want is not str:
+        text = value.strip()
+        try:
+            if want is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return text.lower() in ("true", "1", "yes")
+            if want is list:
+                return [] if not text else [t.strip() for t in text.strip("[]").split(",") if t.strip()]
+            return want(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected {want.__name__}, got {value!r}") from None
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {want.__name__}, got {value!r}")
+    return value
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    target: Any = cfg
+    for part in parts[:-1]:
+        if part not in SECTIONS or target is not cfg:
+            raise ConfigError(f"unknown key {key!r} (sections: {', '.join(SECTIONS)})")
+        target = getattr(target, part)
+    hints = get_type_hints(type(target))
+    name = parts[-1]
+    if name not in hints or dataclasses.is_dataclass(hints[name]):
+        known = ", ".join(f.name for f in dataclasses.fields(target) if not dataclasses.is_dataclass(f.type))
+        raise ConfigError(f"unknown key {key!r} (known here: {known})")
+    setattr(target, name, _coerce(value, hints[name], key))
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `--set key.sub=value` strings, each type-checked against its field."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.sub=value")
+        key, value = item.split("=", 1)
+        try:
+            _set(cfg, key.strip(), value)
+        except ConfigError as e:
+            raise ConfigError(f"--set {e}") from None
+    return cfg
+
+
+def from_dict(data: dict, source: str = "config") -> Config:
+    """Build a Config from nested TOML-like data; unknown keys are errors."""
+    cfg = Config()
+    for key, value in data.items():
+        try:
+            if isinstance(value, dict):
+                if key not in SECTIONS:
+                    raise ConfigError(f"unknown section [{key}] (known: {', '.join(SECTIONS)})")
+                for sub, v in value.items():
+                    _set(cfg, f"{key}.{sub}", v)
+            else:
+                _set(cfg, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def presets_dir() -> Path:
+    """presets/ of the checkout (editable install) or of the working directory."""
+    here = Path(__file__).resolve().parent.parent / "presets"
+    return here if here.is_dir() else Path.cwd() / "presets"
+
+
+def list_presets() -> dict[str, str]:
+    """name -> one-line description, for every presets/*.toml."""
+    out = {}
+    for path in sorted(presets_dir().glob("*.toml")):
+        with open(path, "rb") as f:
+            out[path.stem] = tomllib.load(f).get("description", "")
+    return out
+
+
+def load_preset(name_or_path: str) -> Config:
+    """A preset by name (presets/NAME.toml) or by path to a TOML file."""
+    path = Path(name_or_path)
+    if not (path.suffix == ".toml" and path.is_file()):
+        path = presets_dir() / f"{name_or_path}.toml"
+    if not path.is_file():
+        names = ", ".join(list_presets()) or "none found"
+        raise ConfigError(f"--preset {name_or_path!r}: no such preset or TOML file (presets: {names})")
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    return from_dict(data, str(path))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML; `amft train --preset runs/X/config.toml` reproduces the run."""
+    data = to_dict(cfg)
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for section, values in data.items():
+        if isinstance(values, dict):
+            lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def field_help(section: type | None = None) -> dict[str, str]:
+    """key -> help text for every knob (used by `amft presets --keys` and docs)."""
+    out = {}
+    for name, cls in ([("", Config)] + list(SECTIONS.items())):
+        for f in dataclasses.fields(cls):
+            if f.name in SECTIONS:
+                continue
+            out[f"{name + '.' if name else ''}{f.name}"] = f.metadata.get("help", "")
+    return out
