@@ -54,6 +54,8 @@ class TaskConfig:
 @dataclass
 class ModelConfig:
     path: str = knob("data/tiny-math/model", "HF hub id or local path of the policy (tiny presets: the model `prepare` builds).")
+    init: str = knob("pretrained", "pretrained: load model.path as it is | tiny: `amft prepare` first builds a "
+                     "from-scratch character-level model at model.path (CPU presets).")
     arch: str = knob("qwen2", "Tiny model only: decoder architecture built by `prepare` (qwen2 | llama).")
     hidden_size: int = knob(128, "Tiny model only: width. 128 with 4 layers is ~0.86M parameters (DESIGN §5).")
     num_layers: int = knob(4, "Tiny model only: transformer blocks.")
@@ -166,6 +168,7 @@ def validate(cfg: Config) -> Config:
         (cfg.amft.utility in ("reward", "nll"), "amft.utility", "reward or nll"),
         (cfg.amft.meta_grad_norm in ("cosine", "raw"), "amft.meta_grad_norm", "cosine or raw"),
         (cfg.amft.meta_every >= 1, "amft.meta_every", "an integer >= 1"),
+        (cfg.model.init in ("pretrained", "tiny"), "model.init", "pretrained or tiny"),
         (cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32, bfloat16 or float16"),
         (cfg.eval.k >= 1, "eval.k", "an integer >= 1"),
     ]

@@ -1,0 +1,188 @@
+"""The math of AMFT and its baselines: pure torch functions, no I/O, no state.
+
+Shapes: B sequences, T tokens (response positions, right-aligned with the
+logits that predict them), V vocabulary, P parameters (flattened gradients).
+A `mask` (B, T) is 1.0 on response tokens that count, 0.0 on prompt/padding.
+
+Loss (DESIGN §1):   L(θ; μ) = μ · L_SFT(θ) + (1 − μ) · L_RL(θ),   μ ∈ [μ_min, μ_max]
+
+Where this departs from the AMFT paper and the authors' code:
+ 1. The meta-gradient is the first-order one-step lookahead
+    dU(θ')/dμ ≈ ⟨∇U(θ), dθ'/dμ⟩ with θ' = θ − [(1−μ)·α_RL·g_RL + μ·α_SFT·g_SFT],
+    so dθ'/dμ = α_RL·g_RL − α_SFT·g_SFT (α_RL = α_SFT = α in the paper's form).
+    No second-order terms, no differentiating through the optimizer.
+ 2. `cosine` normalisation (default) uses cos(∇U, dθ'/dμ) instead of the raw
+    product, so η_meta means the same for a 1M and a 7B model. It has the
+    sign of the raw derivative by construction.
+ 3. The authors' released code ADDS dL_val/dμ to μ, which moves μ toward the
+    signal that raises validation loss. Here μ follows +dU/dμ for a utility U
+    (higher is better): the sign is tested against finite differences.
+ 4. With one policy update per rollout batch π_old = π_θ, so the PPO ratio is
+    1 and old log-probs are the current ones detached (computed once).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+# ---------------------------------------------------------------------------
+# token-level quantities
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log π(target_t | prefix). logits (B, T, V), targets (B, T) -> (B, T) float32."""
+    logits = logits.float()
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution in nats. logits (B, T, V) -> (B, T)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over positions where mask is 1. x, mask (B, T) -> scalar (0 if mask is empty)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def aggregate(loss_tokens: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
+    """Reduce per-token losses (B, T) to a scalar.
+
+    token-mean: every response token weighs the same (DAPO/Dr. GRPO, our default).
+    seq-mean-token-mean: each sequence weighs the same (original GRPO).
+    seq-mean-token-sum: sum over tokens, mean over sequences (Dr. GRPO's unnormalised form).
+    """
+    if mode == "token-mean":
+        return masked_mean(loss_tokens, mask)
+    per_seq_sum = (loss_tokens * mask).sum(-1)
+    if mode == "seq-mean-token-mean":
+        return (per_seq_sum / mask.sum(-1).clamp(min=1.0)).mean()
+    if mode == "seq-mean-token-sum":
+        return per_seq_sum.mean()
+    raise ValueError(f"rl.loss_agg: unknown aggregation {mode!r}")
+
+
+# ---------------------------------------------------------------------------
+# losses
+
+
+def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token-mean negative log-likelihood of demonstrations. logprobs, mask (B, T) -> scalar."""
+    return -masked_mean(logprobs, mask)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages: reward minus its group mean, optionally over the group std.
+
+    rewards (N,) with N = prompts × group_size, groups contiguous -> (N,).
+    std is the unbiased sample std (as in TRL and verl). scale_by_std=False is Dr. GRPO.
+    A group whose rewards are all equal gets zero advantages: it carries no signal.
+    """
+    groups = rewards.float().view(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    return centred.view(-1)
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(π‖π_ref) estimate k3 = e^(r) − r − 1 with r = log π_ref − log π; (B, T) -> (B, T), ≥ 0."""
+    r = ref_logprobs - logprobs
+    return torch.exp(r) - r - 1.0
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, clip_eps: float = 0.2, clip_eps_high: float = 0.0,
+                loss_agg: str = "token-mean", ref_logprobs: torch.Tensor | None = None,
+                kl_beta: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO-clipped policy-gradient loss of GRPO.
+
+    logprobs, old_logprobs, mask (B, T); advantages (B,) broadcast over tokens.
+    Per token: max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε_high)), ρ = exp(logπ − logπ_old);
+    ε_high = ε unless set (DAPO's clip-higher). Plus β·KL_k3 when β > 0.
+    Returns (scalar loss, stats: clip_frac, kl).
+    """
+    eps_high = clip_eps_high or clip_eps
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages.unsqueeze(-1)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high)
+    loss_tokens = torch.maximum(unclipped, clipped)
+    stats = {"clip_frac": masked_mean((clipped > unclipped).float(), mask).item()}
+    if ref_logprobs is not None and kl_beta > 0:
+        kl = kl_k3(logprobs, ref_logprobs)
+        loss_tokens = loss_tokens + kl_beta * kl
+        stats["kl"] = masked_mean(kl.detach(), mask).item()
+    return aggregate(loss_tokens, mask, loss_agg), stats
+
+
+# ---------------------------------------------------------------------------
+# the μ controllers: which balance each --algo uses at a step
+
+MuSchedule = Callable[..., float]
+
+MU_SCHEDULES: dict[str, MuSchedule] = {
+    # (step, learned_mu, **params) -> μ used at this step; steps count from 0
+    "sft": lambda step, mu, **_: 1.0,
+    "rl": lambda step, mu, **_: 0.0,
+    "sft-rl": lambda step, mu, *, switch_step, **_: 1.0 if step < switch_step else 0.0,
+    "mix": lambda step, mu, *, mix_mu, **_: mix_mu,
+    "amft": lambda step, mu, *, warmup_steps, **_: 1.0 if step < warmup_steps else mu,
+}
+
+
+def mu_for_step(algo: str, step: int, learned_mu: float, **params: float) -> float:
+    """μ for `algo` at `step`. params: warmup_steps, switch_step, mix_mu (each schedule takes what it needs)."""
+    return MU_SCHEDULES[algo](step, learned_mu, **params)
+
+
+# ---------------------------------------------------------------------------
+# AMFT's learned μ (DESIGN §1)
+
+
+def entropy_term(entropy: float, entropy_target: float, eta_entropy: float) -> float:
+    """Δ_H = η_H · (H* − H): entropy below target pushes μ up (more imitation), above pushes it down."""
+    return eta_entropy * (entropy_target - entropy)
+
+
+def lookahead_direction(grad_rl: torch.Tensor, grad_sft: torch.Tensor,
+                        lr_rl: float, lr_sft: float) -> torch.Tensor:
+    """dθ'/dμ for θ' = θ − [(1−μ)·α_RL·g_RL + μ·α_SFT·g_SFT]. grads (P,) -> (P,)."""
+    return lr_rl * grad_rl.float() - lr_sft * grad_sft.float()
+
+
+def meta_gradient(grad_utility: torch.Tensor, grad_rl: torch.Tensor, grad_sft: torch.Tensor,
+                  lr_rl: float, lr_sft: float, norm: str = "cosine") -> float:
+    """dU(θ')/dμ to first order, from flattened gradients (P,) each.
+
+    grad_utility = ∇θ U (ascent direction of the validation utility),
+    grad_rl = ∇θ L_RL, grad_sft = ∇θ L_SFT (loss gradients, descent is −g).
+    raw:    ⟨∇U, α_RL·g_RL − α_SFT·g_SFT⟩    (= α·⟨∇U, g_RL − g_SFT⟩ in the paper's form)
+    cosine: cos(∇U, α_RL·g_RL − α_SFT·g_SFT)  (same sign, scale-free; 0 when a vector is 0)
+    Positive means more SFT (larger μ) raises U after one step.
+    """
+    direction = lookahead_direction(grad_rl, grad_sft, lr_rl, lr_sft)
+    g_u = grad_utility.float()
+    dot = torch.dot(g_u, direction)
+    if norm == "raw":
+        return dot.item()
+    if norm == "cosine":
+        denom = g_u.norm() * direction.norm()
+        return (dot / denom).item() if denom > 0 else 0.0
+    raise ValueError(f"amft.meta_grad_norm: unknown normalisation {norm!r}")
+
+
+def update_mu(mu: float, delta_meta: float, delta_entropy: float, mu_min: float, mu_max: float) -> float:
+    """μ ← clip(μ + Δ_meta + Δ_H, μ_min, μ_max)."""
+    return min(max(mu + delta_meta + delta_entropy, mu_min), mu_max)
+
+
+def flatten_grads(grads: list[torch.Tensor | None], params: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate per-parameter gradients into one (P,) vector; None counts as zeros."""
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                      for g, p in zip(grads, params)])

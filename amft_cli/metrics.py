@@ -1,0 +1,143 @@
+"""The metric sink: one JSON line per optimizer step in run_dir/metrics.jsonl.
+
+The JSONL file is the record of a run; plots and comparisons read it back
+with `read_metrics`. Each line is `{"step": N, "time": unix_s, **metrics}`
+with the namespaced keys of DESIGN §6. Lines are flushed as they are
+written, so a run killed mid-way keeps every finished step; NaN and inf are
+written as null so every line is strict JSON. On `--resume` the file is cut
+back to the checkpoint's step first, so a resumed run's file equals an
+uninterrupted one's apart from "time". TensorBoard is an optional mirror.
+Events (a meta-gradient update, the end of warm-up) are metric keys too,
+e.g. `balance/meta_update = 1.0`, so the file stays one kind of line.
+
+This module never imports torch at module level (plots read metrics on
+machines without it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _clean(value: Any) -> Any:
+    """A JSON-safe value: numbers become float/int, NaN/inf/None become None."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value
+    try:
+        number = float(value)  # also unwraps numpy scalars and 0-d tensors
+    except (TypeError, ValueError):
+        return str(value)
+    return number if math.isfinite(number) else None
+
+
+def _parse_lines(text: str, path: Path) -> list[tuple[str, dict]]:
+    """(raw line, record) pairs; an unparseable LAST line (a killed writer) is dropped."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    parsed = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {i + 1} is not a JSON object")
+        parsed.append((line, record))
+    return parsed
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """All step records of a metrics.jsonl (or of the run directory holding one).
+
+    Tolerates a truncated last line, as left by a killed run or one still
+    writing. Raises ValueError for a missing file or a corrupt middle line.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.is_file():
+        raise ValueError(f"{path}: no metrics file (expected a run directory or its {METRICS_FILE})")
+    return [record for _, record in _parse_lines(path.read_text(encoding="utf-8"), path)]
+
+
+def _truncate_to_step(path: Path, last_step: int) -> None:
+    """Keep only lines with step <= last_step, replacing the file atomically."""
+    if not path.is_file():
+        return
+    kept = [line for line, record in _parse_lines(path.read_text(encoding="utf-8"), path)
+            if isinstance(record.get("step"), (int, float)) and record["step"] <= last_step]
+    fd, tmp = tempfile.mkstemp(prefix=".metrics-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in kept)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class MetricSink:
+    """Writes one metrics line per step; optionally mirrors scalars to TensorBoard.
+
+    A fresh run (resume_step None) starts a new metrics.jsonl; a resumed run
+    keeps the lines up to and including resume_step and appends after them.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = False):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / METRICS_FILE
+        if resume_step is None:
+            self._file = open(self.path, "w", encoding="utf-8")
+        else:
+            _truncate_to_step(self.path, resume_step)
+            self._file = open(self.path, "a", encoding="utf-8")
+        self._tb = self._open_tensorboard(resume_step) if tensorboard else None
+
+    def _open_tensorboard(self, resume_step: int | None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print("warning: TensorBoard logging skipped: `pip install tensorboard` to enable it "
+                  f"(metrics still go to {self.path})", file=sys.stderr)
+            return None
+        # purge_step drops events past the checkpoint, as the JSONL truncation does
+        purge = None if resume_step is None else resume_step + 1
+        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Append {"step", "time", **metrics} as one flushed JSON line."""
+        record = {"step": int(step), "time": round(time.time(), 3)}
+        record.update({key: _clean(value) for key, value in metrics.items()
+                       if key not in ("step", "time")})
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, global_step=record["step"])
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> MetricSink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

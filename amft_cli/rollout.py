@@ -1,0 +1,177 @@
+"""Generation backends behind one function: `hf` (any device) and `vllm` (GPU).
+
+The hf backend is a lean sampling loop over the model's forward with a KV
+cache: prompts left-padded and prefilled once per group (the cache is then
+repeated for the group's samples), one batched forward per new token, and
+all sampling on tensors (no per-sequence Python in the loop). It returns
+token ids; the trainer computes log-probs once, in its own forward.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollouts:
+    """n completions for each of P prompts, grouped contiguously (P·n rows)."""
+
+    prompt_ids: list[list[int]]      # P·n rows (each prompt repeated n times)
+    completion_ids: list[list[int]]  # P·n rows, eos included when it was sampled
+    texts: list[str]                 # decoded completions, special tokens removed
+    finished: list[bool]             # ended with eos (False: hit max_new_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c) for c in self.completion_ids)
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _cache_of(out):
+    """The KV cache of a forward output (transformers 5 calls it `cache`, 4.x `past_key_values`)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _sample(logits: torch.Tensor, greedy: bool, temperature: float, top_p: float,
+            generator: torch.Generator | None) -> torch.Tensor:
+    """Next tokens from last-position logits (B, V) -> (B,)."""
+    if greedy or temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the top token
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def _generate_batch(model, prompt_ids: list[list[int]], n: int, *, pad_id: int, eos_id: int,
+                    max_new_tokens: int, greedy: bool, temperature: float, top_p: float,
+                    generator: torch.Generator | None) -> list[list[int]]:
+    """Sample n continuations of each prompt; returns P·n token lists (eos kept)."""
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(prompt_ids, pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(ids, mask, positions, None, use_cache=True, logits_to_keep=1)
+    cache = _cache_of(out)
+    logits = out.logits[:, -1]
+    if n > 1:  # prefill once per prompt, then give each sample its own copy of the cache
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, dim=0)
+        mask = mask.repeat_interleave(n, dim=0)
+        positions = positions.repeat_interleave(n, dim=0)
+    rows = mask.shape[0]
+    next_pos = positions[:, -1:] + 1
+    tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
+    for t in range(max_new_tokens):
+        nxt = _sample(logits, greedy, temperature, top_p, generator)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        tokens[:, t] = nxt
+        just_done = (nxt == eos_id) & ~done
+        lengths = torch.where(just_done, torch.full_like(lengths, t + 1), lengths)
+        done |= just_done
+        if t + 1 == max_new_tokens or bool(done.all()):
+            break
+        mask = torch.cat([mask, (~done).long().unsqueeze(-1)], dim=-1)
+        out = model(nxt.unsqueeze(-1), mask, next_pos, cache, use_cache=True)
+        cache, logits, next_pos = _cache_of(out), out.logits[:, -1], next_pos + 1
+    tokens, lengths = tokens.cpu(), lengths.cpu()
+    return [tokens[i, : lengths[i]].tolist() for i in range(rows)]
+
+
+def generate(model, tokenizer, prompt_ids: list[list[int]], n: int = 1, *, max_new_tokens: int,
+             greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+             batch_size: int = 256, generator: torch.Generator | None = None,
+             engine: "VLLMEngine | None" = None) -> Rollouts:
+    """n completions per prompt, groups contiguous. batch_size counts completions per forward."""
+    if engine is not None:
+        completions = engine.generate(prompt_ids, n, max_new_tokens=max_new_tokens, greedy=greedy,
+                                      temperature=temperature, top_p=top_p)
+    else:
+        per_batch = max(1, batch_size // n)
+        completions = []
+        for start in range(0, len(prompt_ids), per_batch):
+            completions += _generate_batch(
+                model, prompt_ids[start:start + per_batch], n, pad_id=tokenizer.pad_token_id,
+                eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens, greedy=greedy,
+                temperature=temperature, top_p=top_p, generator=generator)
+    eos = tokenizer.eos_token_id
+    return Rollouts(
+        prompt_ids=[p for p in prompt_ids for _ in range(n)],
+        completion_ids=completions,
+        texts=tokenizer.batch_decode(completions, skip_special_tokens=True),
+        finished=[len(c) > 0 and c[-1] == eos for c in completions],
+    )
+
+
+def sample_texts(model, tokenizer, prompts: list[str], n: int, *, greedy: bool, temperature: float,
+                 top_p: float, max_new_tokens: int, batch_size: int, chat_template: bool,
+                 seed: int) -> list[list[str]]:
+    """Completion texts, n per prompt (for eval). Seeded, so eval is reproducible."""
+    from amft_cli.model import encode_prompt
+
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    ids = [encode_prompt(tokenizer, p, chat_template) for p in prompts]
+    out = generate(model, tokenizer, ids, n, max_new_tokens=max_new_tokens, greedy=greedy,
+                   temperature=temperature, top_p=top_p, batch_size=batch_size, generator=generator)
+    return [out.texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+# ---------------------------------------------------------------------------
+# vLLM (optional extra, GPU only)
+
+
+class VLLMEngine:
+    """A colocated vLLM engine whose weights follow the policy after every update.
+
+    Needs `pip install amft-cli[vllm]` and a CUDA GPU. vLLM runs in this process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0) so new weights are loaded in place with
+    the model's own `load_weights`, the way colocated GRPO trainers do it.
+    """
+
+    def __init__(self, model_path: str, dtype: str, gpu_memory: float, seed: int, max_len: int):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise ValueError("rl.backend 'vllm': vLLM is not installed; `pip install 'amft-cli[vllm]'` "
+                             "on a CUDA machine, or use --set rl.backend=hf") from None
+        if not torch.cuda.is_available():
+            raise ValueError("rl.backend 'vllm': needs a CUDA GPU; use --set rl.backend=hf on CPU")
+        self.llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory, seed=seed,
+                       max_model_len=max_len, enable_prefix_caching=True)
+
+    def sync_weights(self, model) -> None:
+        """Copy the policy's current weights into vLLM (merged first when LoRA-wrapped)."""
+        state = model.merge_and_unload().state_dict() if hasattr(model, "merge_and_unload") else model.state_dict()
+        runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        runner.model.load_weights(weights=list(state.items()))
+        self.llm.reset_prefix_cache()
+
+    def generate(self, prompt_ids: list[list[int]], n: int, *, max_new_tokens: int, greedy: bool,
+                 temperature: float, top_p: float) -> list[list[int]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(n=n, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
+                                top_p=1.0 if greedy else top_p)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+        return [list(o.token_ids) for out in outs for o in out.outputs]
