@@ -1,0 +1,108 @@
+"""The policy as the trainer sees it: model + tokenizer + token-level forward passes.
+
+Sequences are prompt ids followed by completion ids, right-padded; log-probs
+and entropies are aligned with the tokens they predict, and `mask` marks the
+completion tokens (the only ones any loss counts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from amft_cli import algo
+from amft_cli.config import Config
+from amft_cli.model import encode_completion, encode_prompt, load_policy, resolve_device
+
+
+@dataclass
+class Policy:
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    chat_template: bool = False
+    engine: object | None = None       # rollout.VLLMEngine when rl.backend = "vllm"
+    reference: torch.nn.Module | None = None  # frozen copy, only when rl.kl_beta > 0
+    params: list = field(default_factory=list)
+    _ids: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def prompt_ids(self, example: dict) -> list[int]:
+        key = ("p", example["id"])
+        if key not in self._ids:
+            self._ids[key] = encode_prompt(self.tokenizer, example["prompt"], self.chat_template)
+        return self._ids[key]
+
+    def demo_ids(self, example: dict) -> tuple[list[int], list[int]]:
+        key = ("d", example["id"])
+        if key not in self._ids:
+            self._ids[key] = encode_completion(self.tokenizer, example["demonstration"])
+        return self.prompt_ids(example), self._ids[key]
+
+    @torch.no_grad()
+    def ref_logprobs(self, prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
+        logprobs, _, _ = sequence_logprobs(self, prompts, completions, grad=False, model=self.reference)
+        return logprobs
+
+    def after_update(self) -> None:
+        """Keep the rollout engine's weights equal to the policy's."""
+        if self.engine is not None:
+            self.engine.sync_weights(self.model)
+
+
+def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device: torch.device):
+    """Right-padded (B, L) inputs and attention, (B, L−1) targets and completion mask."""
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width - 1))
+    for i, (p, s) in enumerate(zip(prompts, seqs)):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attention[i, : len(s)] = 1
+        mask[i, len(p) - 1: len(s) - 1] = 1.0  # position j predicts token j+1
+    return ids.to(device), attention.to(device), ids[:, 1:].to(device), mask.to(device)
+
+
+def sequence_logprobs(policy: Policy, prompts: list[list[int]], completions: list[list[int]],
+                      grad: bool = True, model: torch.nn.Module | None = None):
+    """Token log-probs (B, L−1), detached entropies (B, L−1) and the completion mask (B, L−1)."""
+    ids, attention, targets, mask = pack(prompts, completions, policy.tokenizer.pad_token_id, policy.device)
+    with torch.set_grad_enabled(grad):
+        logits = (model or policy.model)(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        logprobs = algo.token_logprobs(logits, targets)
+    with torch.no_grad():
+        entropy = algo.token_entropy(logits.detach())
+    return logprobs, entropy, mask
+
+
+def sft_batch_loss(policy: Policy, examples: list[dict]) -> tuple[torch.Tensor, float]:
+    """SFT NLL of the examples' demonstrations, and their mean token entropy."""
+    pairs = [policy.demo_ids(ex) for ex in examples]
+    logprobs, entropy, mask = sequence_logprobs(policy, [p for p, _ in pairs], [c for _, c in pairs])
+    return algo.sft_loss(logprobs, mask), algo.masked_mean(entropy, mask).item()
+
+
+def load_for_training(cfg: Config, checkpoint: Path | None = None) -> Policy:
+    """The trainable policy (from a checkpoint when resuming), its rollout engine and reference."""
+    device = resolve_device(cfg.model.device)
+    mcfg = replace(cfg.model, path=str(checkpoint)) if checkpoint is not None else cfg.model
+    model, tokenizer = load_policy(mcfg, device, trainable=True)
+    model.train()
+    reference = None
+    if cfg.rl.kl_beta > 0:
+        reference, _ = load_policy(replace(cfg.model, lora_rank=0), device, trainable=False)
+        reference.eval().requires_grad_(False)
+    engine = None
+    if cfg.rl.backend == "vllm" and cfg.train.algo != "sft":
+        from amft_cli.rollout import VLLMEngine
+
+        engine = VLLMEngine(mcfg.path, cfg.model.dtype, cfg.rl.vllm_gpu_memory, cfg.seed,
+                            max_len=cfg.rl.max_new_tokens + 2048)
+    policy = Policy(model, tokenizer, device, cfg.model.chat_template, engine, reference)
+    policy.after_update()
+    return policy
