@@ -1,0 +1,321 @@
+"""avg@k, pass@k and greedy accuracy of a model over a task's ID and OOD splits.
+
+For each test example we draw k samples (temperature T) and one greedy
+completion, score every one with the task's own verifier, and report per split:
+
+    avg@k    mean over examples of (correct samples / k); equals pass@1
+    pass@k   unbiased estimator 1 − C(n−c, k)/C(n, k) (Chen et al. 2021), here n = k
+    greedy_accuracy   share of examples whose greedy completion is correct
+
+Multi-step tasks (V-IRL) run their own greedy episodes through
+`task.evaluate_episodes`; their metrics (step_accuracy, route_success) are
+reported as they come, and greedy_accuracy is route success. The sampled part
+still scores each step prompt independently.
+
+The pure parts (pass_at_k, summarize, evaluate_split) take a plain Python
+`generate_fn(prompts, n, greedy) -> list[list[str]]`, so they are tested
+without a model. Only `run_eval` loads torch, lazily.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from amft_cli.config import Config
+from amft_cli.tasks import get_task
+from amft_cli.tasks.base import read_jsonl, write_jsonl
+
+GenerateFn = Callable[[list[str], int, bool], list[list[str]]]
+SPLIT_CHOICES = ("id", "ood", "all")
+EPISODE_METRICS = ("step_accuracy", "route_success")  # shown as extra columns when present
+
+
+class EvalError(ValueError):
+    """A user mistake in `amft eval` (missing split, not a model, ...); printed as one line."""
+
+
+# ---------------------------------------------------------------------------
+# estimators
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 − C(n−c, k)/C(n, k).
+
+    The ratio of binomials is the product Π_{i=n−c+1..n} (1 − k/i), which never
+    forms huge integers or loses precision.
+    """
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k: need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    all_wrong = 1.0
+    for i in range(n - c + 1, n + 1):
+        all_wrong *= 1.0 - k / i
+    return 1.0 - all_wrong
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Split metrics from sample rows ({id, reward, status, mode: sample|greedy}).
+
+    Rows of other modes (episode steps) are ignored here. k is the smallest
+    number of samples any example got.
+    """
+    out: dict = {}
+    sampled = [r for r in rows if r["mode"] == "sample"]
+    if sampled:
+        per_example: dict = {}
+        for r in sampled:
+            per_example.setdefault(r["id"], []).append(r["status"] == "correct")
+        k = min(len(v) for v in per_example.values())
+        out["n_examples"] = len(per_example)
+        out["k"] = k
+        out["avg@k"] = _mean([sum(v) / len(v) for v in per_example.values()])
+        out["pass@1"] = _mean([pass_at_k(len(v), sum(v), 1) for v in per_example.values()])
+        out["pass@k"] = _mean([pass_at_k(len(v), sum(v), k) for v in per_example.values()])
+        out["reward_mean"] = _mean([r["reward"] for r in sampled])
+        out["status_counts"] = dict(Counter(r["status"] for r in sampled))
+    greedy = [r for r in rows if r["mode"] == "greedy"]
+    if greedy:
+        out.setdefault("n_examples", len({r["id"] for r in greedy}))
+        out["greedy_accuracy"] = _mean([r["status"] == "correct" for r in greedy])
+        out["greedy_reward_mean"] = _mean([r["reward"] for r in greedy])
+        out["greedy_status_counts"] = dict(Counter(r["status"] for r in greedy))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# one split
+
+
+def _score_rows(task, examples: list[dict], completions: list[list[str]], mode: str) -> list[dict]:
+    if len(completions) != len(examples):
+        raise RuntimeError(f"generate returned {len(completions)} lists for {len(examples)} prompts")
+    rows = []
+    for example, texts in zip(examples, completions):
+        for i, text in enumerate(texts):
+            score = task.score(example, text)
+            rows.append({"id": example["id"], "mode": mode, "sample": i, "prompt": example["prompt"],
+                         "completion": text, "reward": float(score.reward), "status": score.status})
+    return rows
+
+
+def evaluate_split(task, examples: list[dict], generate_fn: GenerateFn, *, k: int,
+                   with_greedy: bool = True) -> tuple[dict, list[dict]]:
+    """(metrics, sample rows) of one split.
+
+    generate_fn(prompts, n, greedy) returns n completions per prompt. k = 0
+    skips sampling (greedy only). Rows: {id, mode, sample, prompt, completion,
+    reward, status}, one per completion, greedy ones included.
+    """
+    if not examples:
+        raise EvalError("no examples to evaluate")
+    prompts = [ex["prompt"] for ex in examples]
+    rows = _score_rows(task, examples, generate_fn(prompts, k, False), "sample") if k > 0 else []
+    episodes: dict = {}
+    if with_greedy and hasattr(task, "evaluate_episodes"):
+        def generate(step_prompts: list[str]) -> list[str]:
+            return [texts[0] for texts in generate_fn(step_prompts, 1, True)]
+        episodes, episode_rows = task.evaluate_episodes(examples, generate)
+        rows += [{**r, "mode": "episode"} for r in episode_rows]
+    elif with_greedy:
+        rows += _score_rows(task, examples, generate_fn(prompts, 1, True), "greedy")
+    metrics = summarize(rows)
+    metrics.setdefault("n_examples", len(examples))
+    metrics.update(episodes)
+    if "route_success" in episodes:
+        metrics["greedy_accuracy"] = episodes["route_success"]
+    return metrics, rows
+
+
+def batched_generate(sample: Callable[..., list[list[str]]], batch_size: int, seed: int,
+                     on_progress: Callable[[int], None] | None = None) -> GenerateFn:
+    """A generate_fn that feeds `sample(prompts, n, greedy, seed)` about batch_size completions at a time.
+
+    Chunking here (not only inside the sampler) is what lets the progress bar
+    move; each chunk gets its own seed so chunks do not repeat one random stream.
+    """
+    def generate_fn(prompts: list[str], n: int, greedy: bool) -> list[list[str]]:
+        per_chunk = max(1, batch_size // n)
+        out: list[list[str]] = []
+        for start in range(0, len(prompts), per_chunk):
+            chunk = prompts[start:start + per_chunk]
+            out += sample(chunk, n, greedy, seed + start)
+            if on_progress is not None:
+                on_progress(len(chunk) * n)
+        return out
+    return generate_fn
+
+
+# ---------------------------------------------------------------------------
+# splits on disk
+
+
+def splits_for(task, which: str, data_dir: str | Path | None = None) -> list[str]:
+    """Split names for --split id|ood|all, ID ones first.
+
+    Tasks with EVAL_SETS (math) pick sets by their `ood` flag, keeping only
+    those present as <data_dir>/<name>.jsonl when data_dir is given; the
+    generated tasks use "test" (ID) and "ood".
+    """
+    if which not in SPLIT_CHOICES:
+        raise EvalError(f"--split {which!r}: expected one of {', '.join(SPLIT_CHOICES)}")
+    eval_sets = getattr(task, "EVAL_SETS", None)
+    if eval_sets:
+        names = [n for n, spec in eval_sets.items() if which == "all" or bool(spec.get("ood")) == (which == "ood")]
+        names.sort(key=lambda n: bool(eval_sets[n].get("ood")))
+        if data_dir is not None:
+            names = [n for n in names if (Path(data_dir) / f"{n}.jsonl").is_file()]
+        return names
+    wanted = {"id": ["test"], "ood": ["ood"], "all": ["test", "ood"]}[which]
+    return [s for s in wanted if s in task.SPLITS]
+
+
+def is_ood(task, split: str) -> bool:
+    eval_sets = getattr(task, "EVAL_SETS", None) or {}
+    return bool(eval_sets[split].get("ood")) if split in eval_sets else split == "ood"
+
+
+def default_k(task, split: str, fallback: int) -> int:
+    """The set's own k where the task names one (AIME: avg@32), else fallback."""
+    spec = (getattr(task, "EVAL_SETS", None) or {}).get(split, {})
+    return int(spec.get("default_k") or fallback)
+
+
+def load_split(data_dir: str | Path, split: str, limit: int = 0) -> list[dict]:
+    path = Path(data_dir) / f"{split}.jsonl"
+    if not path.is_file():
+        raise EvalError(f"{path}: split {split!r} not found — run `amft prepare` with this preset first")
+    examples = read_jsonl(path)
+    if not examples:
+        raise EvalError(f"{path}: split {split!r} is empty")
+    return examples[:limit] if limit > 0 else examples
+
+
+# ---------------------------------------------------------------------------
+# the whole eval, with a model
+
+
+def _check_model_path(model_path: str | Path) -> str:
+    path = Path(model_path)
+    if path.exists() and not (path / "config.json").is_file():
+        raise EvalError(f"{model_path}: not a model folder (no config.json); "
+                        "pass a checkpoint folder, a run directory with --run, or a hub id")
+    return str(model_path)
+
+
+def _load_model(cfg: Config, model_path: str):
+    import torch
+
+    from amft_cli.model import ModelError, load_policy
+
+    device = cfg.model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return load_policy(dataclasses.replace(cfg.model, path=model_path), device, trainable=False)
+    except ModelError as e:
+        raise EvalError(str(e)) from None
+
+
+def _settings(cfg: Config, seed: int | None, **given) -> dict:
+    """The knobs actually used: flags given, else the config's [eval] section (and cfg.seed)."""
+    resolved = {key: getattr(cfg.eval, key) if value is None else value for key, value in given.items()}
+    resolved["seed"] = cfg.seed if seed is None else seed
+    return resolved
+
+
+def run_eval(cfg: Config, model_path: str | Path, out_dir: str | Path, which: str = "id", k: int | None = None,
+             temperature: float | None = None, top_p: float | None = None, greedy_only: bool = False,
+             max_new_tokens: int | None = None, limit: int | None = None, batch_size: int | None = None,
+             seed: int | None = None, progress: bool = True) -> dict[str, dict]:
+    """Evaluate a model on the task's splits; write out_dir/<split>.json and .samples.jsonl.
+
+    Options left as None come from cfg.eval (and cfg.seed); k None means each
+    set's default k (math) or cfg.eval.k. Returns split -> metrics.
+    """
+    model_path = _check_model_path(model_path)
+    task = get_task(cfg.task.name)
+    splits = splits_for(task, which, cfg.task.data_dir)
+    if not splits:
+        raise EvalError(f"{cfg.task.data_dir}: no {which} eval sets of task {cfg.task.name} found — run `amft prepare`")
+    s = _settings(cfg, seed, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                  limit=limit, batch_size=batch_size)
+    data = {split: load_split(cfg.task.data_dir, split, s["limit"]) for split in splits}
+    model, tokenizer = _load_model(cfg, model_path)
+    from amft_cli.rollout import sample_texts
+
+    def sample(prompts, n, greedy, chunk_seed):
+        return sample_texts(model, tokenizer, prompts, n, greedy=greedy, temperature=s["temperature"],
+                            top_p=s["top_p"], max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"],
+                            chat_template=cfg.model.chat_template, seed=chunk_seed)
+
+    out_dir = Path(out_dir)
+    results = {}
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, disable=not progress) as bar:
+        for split, examples in data.items():
+            split_k = 0 if greedy_only else (k or default_k(task, split, cfg.eval.k))
+            total = None if hasattr(task, "evaluate_episodes") else len(examples) * (split_k + 1)
+            bar_id = bar.add_task(f"{split} ({len(examples)} examples, k={split_k})", total=total)
+            generate_fn = batched_generate(sample, s["batch_size"], s["seed"],
+                                           lambda n, b=bar_id: bar.advance(b, n))
+            metrics, rows = evaluate_split(task, examples, generate_fn, k=split_k)
+            metrics["ood"] = is_ood(task, split)
+            record = {"split": split, "task": cfg.task.name, "checkpoint": model_path,
+                      "settings": {**s, "k": split_k, "greedy_only": greedy_only}, "metrics": metrics}
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / f"{split}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+            write_jsonl(out_dir / f"{split}.samples.jsonl", rows)
+            results[split] = metrics
+    return results
+
+
+# ---------------------------------------------------------------------------
+# tables
+
+
+def _pct(value) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def table_rows(results: dict[str, dict], extras: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """(headers, formatted rows) of split -> metrics; shared by the CLI table and `amft plot eval`.
+
+    extras: task-specific columns; default, those of EPISODE_METRICS present in any split.
+    """
+    if extras is None:
+        extras = [m for m in EPISODE_METRICS if any(m in r for r in results.values())]
+    headers = ["split", "set", "n", "avg@k", "pass@k", "greedy", "reward"] + extras
+    rows = []
+    for split, m in results.items():
+        k = m.get("k")
+        reward = m.get("reward_mean", m.get("greedy_reward_mean"))
+        rows.append([split, "OOD" if m.get("ood") else "ID", str(m.get("n_examples", "—")),
+                     _pct(m.get("avg@k")) + (f" @{k}" if k else ""),
+                     _pct(m.get("pass@k")) + (f" @{k}" if k else ""),
+                     _pct(m.get("greedy_accuracy")),
+                     "—" if reward is None else f"{reward:.2f}"]
+                    + [_pct(m.get(x)) for x in extras])
+    return headers, rows
+
+
+def results_table(results: dict[str, dict], title: str = "Evaluation") -> Table:
+    """A rich table of split -> metrics for the terminal."""
+    headers, rows = table_rows(results)
+    table = Table(title=title)
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i < 2 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table

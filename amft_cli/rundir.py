@@ -1,0 +1,134 @@
+"""Finding things inside a run directory (DESIGN §6), with one-line errors.
+
+    runs/<name>/config.toml                resolved config
+    runs/<name>/metrics.jsonl              one JSON line per step
+    runs/<name>/checkpoints/step-N/        HF model folder + trainer state
+    runs/<name>/eval/<split>.json          eval scores; <split>.samples.jsonl per sample
+    runs/<name>/plots/                     figures
+
+Used by `amft eval` and `amft plot`; imports no torch, so plotting works on
+machines without it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from amft_cli import metrics
+from amft_cli.config import Config, load_preset
+
+CONFIG_FILE = "config.toml"
+CHECKPOINT_DIR = re.compile(r"^step-(\d+)$")
+
+
+class RunDirError(ValueError):
+    """A run directory lacks what the command needs; printed as one line."""
+
+
+def _require_dir(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: no such run directory")
+    return run_dir
+
+
+def _last_modified(run_dir: Path) -> float:
+    # appending to metrics.jsonl does not touch the folder's own mtime
+    paths = [run_dir, run_dir / metrics.METRICS_FILE, run_dir / CONFIG_FILE, run_dir / "checkpoints"]
+    return max(p.stat().st_mtime for p in paths if p.exists())
+
+
+def latest_run(runs_root: Path = Path("runs")) -> Path:
+    """The most recently modified run under runs_root (one with metrics or checkpoints)."""
+    runs_root = Path(runs_root)
+    runs = [d for d in runs_root.iterdir() if d.is_dir()] if runs_root.is_dir() else []
+    runs = [d for d in runs if (d / metrics.METRICS_FILE).is_file() or (d / "checkpoints").is_dir()]
+    if not runs:
+        raise RunDirError(f"{runs_root}: no runs found (train one with `amft train`, or name a run directory)")
+    return max(runs, key=_last_modified)
+
+
+def checkpoints(run_dir: Path) -> dict[int, Path]:
+    """step -> checkpoint folder, in step order. Temp folders of an unfinished save are skipped."""
+    root = _require_dir(run_dir) / "checkpoints"
+    found = {}
+    if root.is_dir():
+        for d in root.iterdir():
+            match = CHECKPOINT_DIR.match(d.name)
+            if match and d.is_dir():
+                found[int(match.group(1))] = d
+    return dict(sorted(found.items()))
+
+
+def resolve_checkpoint(run_dir: Path, step: int | None = None) -> Path:
+    """The checkpoint at `step`, or the latest one when step is None."""
+    available = checkpoints(run_dir)
+    if not available:
+        raise RunDirError(f"{run_dir}: no checkpoints in {Path(run_dir) / 'checkpoints'} "
+                          "(the run has not saved one yet; see train.save_every)")
+    if step is None:
+        return available[max(available)]
+    if step not in available:
+        listed = ", ".join(str(s) for s in available)
+        raise RunDirError(f"{run_dir}: no checkpoint at --step {step} (available: {listed})")
+    return available[step]
+
+
+def read_config(run_dir: Path) -> Config:
+    """The resolved Config the run was started with."""
+    path = _require_dir(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise RunDirError(f"{run_dir}: no {CONFIG_FILE} — is this a run directory?")
+    return load_preset(str(path))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every logged step, in file order; a truncated last line (killed run) is dropped."""
+    path = _require_dir(run_dir) / metrics.METRICS_FILE
+    if not path.is_file():
+        raise RunDirError(f"{run_dir}: no {metrics.METRICS_FILE} — is this a run directory?")
+    try:
+        records = metrics.read_metrics(path)
+    except ValueError as e:
+        raise RunDirError(str(e)) from None
+    if not records:
+        raise RunDirError(f"{run_dir}: {metrics.METRICS_FILE} is empty — the run has not logged a step yet")
+    return records
+
+
+# ---------------------------------------------------------------------------
+# eval results and plots
+
+
+def eval_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "eval"
+
+
+def eval_path(run_dir: Path, split: str) -> Path:
+    """eval/<split>.json: metrics, settings and checkpoint of one split's eval."""
+    return eval_dir(run_dir) / f"{split}.json"
+
+
+def samples_path(run_dir: Path, split: str) -> Path:
+    """eval/<split>.samples.jsonl: one row per generated completion."""
+    return eval_dir(run_dir) / f"{split}.samples.jsonl"
+
+
+def plots_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "plots"
+
+
+def read_eval(run_dir: Path) -> dict[str, dict]:
+    """split -> the eval/<split>.json record; ID splits first. Empty when never evaluated."""
+    out = {}
+    for path in sorted(eval_dir(run_dir).glob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            raise RunDirError(f"{path}: not valid JSON (rerun `amft eval --run {run_dir}`)") from None
+        if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict):
+            raise RunDirError(f"{path}: no 'metrics' object — not written by `amft eval`")
+        out[record.get("split", path.stem)] = record
+    return dict(sorted(out.items(), key=lambda kv: bool(kv[1]["metrics"].get("ood"))))
