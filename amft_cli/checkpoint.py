@@ -45,15 +45,23 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
     torch.save(trainer_state, tmp / STATE_FILE)
     with open(tmp / STATE_FILE, "rb") as f:
         os.fsync(f.fileno())
-    if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
-        shutil.rmtree(final)
+    replaced = _hide(final) if final.exists() else None  # re-saving a step (Ctrl-C right after a save)
     os.rename(tmp, final)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
     for old_step, path in list(checkpoint_dirs(run_dir).items())[:-max(keep, 1)]:
-        shutil.rmtree(path, ignore_errors=True)
-    for stale in root.glob(".tmp-step-*"):
-        if stale != tmp:
-            shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(_hide(path), ignore_errors=True)
+    for stale in root.glob(".*-step-*"):  # temp and half-deleted folders of killed runs
+        shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _hide(path: Path) -> Path:
+    """Rename a step-N folder out of sight before deleting it: a kill during the (non-atomic)
+    delete then leaves a hidden half folder, never a step-N folder without its weights."""
+    hidden = path.with_name(f".del-{path.name}-{os.getpid()}")
+    os.rename(path, hidden)
+    return hidden
 
 
 def load_trainer_state(checkpoint: Path) -> dict:

@@ -38,8 +38,14 @@ def resolve_config(preset: str | None, overrides: list[str] | None, seed: int | 
     return validate(apply_overrides(cfg, shortcuts + list(overrides or [])))
 
 
+def preset_name(preset: str | None) -> str:
+    """'tiny-gp' -> 'tiny-gp', 'path/to/x.toml' -> 'x' (dots inside names like math-qwen2.5 are kept)."""
+    preset = preset or DEFAULT_PRESET
+    return Path(preset).stem if preset.endswith(".toml") else Path(preset).name
+
+
 def default_run_dir(preset: str | None, cfg: Config, algo: str | None, seed: int | None) -> Path:
-    name = Path(preset or DEFAULT_PRESET).stem
+    name = preset_name(preset)
     name += f"-{algo}" if algo else ""
     name += f"-s{seed}" if seed is not None else ""
     return Path("runs") / name
@@ -81,10 +87,6 @@ def train(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET, 
           overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in the run directory."),
           live: Optional[bool] = typer.Option(None, "--live/--plain", help="Force the live dashboard or plain log lines (default: live on a terminal).")):
     """Train with the preset's algo (default: AMFT on tiny-math, CPU, a few minutes)."""
-    from amft_cli.dashboard import Dashboard
-    from amft_cli.data import is_prepared, prepare as prepare_data
-    from amft_cli.train import train as run_training
-
     if resume is not None:
         if not (resume / "config.toml").is_file():
             raise ConfigError(f"--resume {resume}: no config.toml there — is it a run directory?")
@@ -97,10 +99,15 @@ def train(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET, 
                 raise ConfigError(f"{out} already holds a run: --resume {out} continues it, --overwrite replaces "
                                   f"it, --run-dir picks another directory")
             shutil.rmtree(out)
+    # imported only now so that config mistakes are reported without loading torch (~3 s)
+    from amft_cli.dashboard import Dashboard
+    from amft_cli.data import is_prepared, prepare as prepare_data
+    from amft_cli.train import train as run_training
+
     if not is_prepared(cfg):
         console.print(f"[dim]data or model for {cfg.task.name} missing: preparing first[/]")
         prepare_data(cfg, log=console.print)
-    info = {"run": str(out), "preset": Path(preset or DEFAULT_PRESET).stem, "algo": cfg.train.algo}
+    info = {"run": str(out), "preset": preset_name(preset), "algo": cfg.train.algo}
     with Dashboard("amft-cli train", info, cfg.train.steps, cfg.train.log_every, live=live) as dash:
         result = run_training(cfg, out, resume=resume is not None, on_metrics=dash.update, on_message=dash.message)
     summary = result.summary
@@ -143,7 +150,7 @@ def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run directo
         model_path, out = rundir.resolve_checkpoint(run, step), run / "eval"
     e = cfg.eval
     results = evaluate.run_eval(
-        cfg, model_path, out, which, k=k or e.k, temperature=e.temperature if temperature is None else temperature,
+        cfg, model_path, out, which, k=k, temperature=e.temperature if temperature is None else temperature,
         top_p=top_p or e.top_p, greedy_only=greedy, max_new_tokens=max_new_tokens or e.max_new_tokens,
         limit=e.limit if limit is None else limit, batch_size=batch_size or e.batch_size, seed=cfg.seed)
     console.print(evaluate.results_table(results))
@@ -193,12 +200,11 @@ def plot_eval(runs: List[Path] = typer.Argument(..., help="Run directories with 
 
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
-    from amft_cli.model import ModelError
-    from amft_cli.rundir import RunDirError
-
+    # ModelError, RunDirError, EvalError and PlotError are ValueErrors: importing their modules
+    # here would load torch and transformers (~3 s) before every --help or one-line error.
     try:
         app()
-    except (ConfigError, ModelError, RunDirError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError) as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -82,6 +82,9 @@ class TrainConfig:
     weight_decay: float = knob(0.0, "AdamW weight decay.")
     grad_clip: float = knob(1.0, "Max global gradient norm per part (0 disables).")
     lr_warmup_steps: int = knob(0, "Linear learning-rate warm-up steps (not AMFT's SFT warm-up).")
+    lr_schedule: str = knob("constant", "constant (the paper) | cosine: decay to lr_min_ratio·lr by the last step; "
+                            "a from-scratch model trained at 1e-3 needs the decay to settle.")
+    lr_min_ratio: float = knob(0.1, "cosine only: final learning rate as a fraction of the initial one.")
     sft_rl_switch: int = knob(100, "sft-rl only: steps of SFT before switching to pure RL.")
     mix_mu: float = knob(0.5, "mix only: the constant μ.")
     log_every: int = knob(10, "Plain log line every N steps off a terminal (metrics.jsonl gets every step).")
@@ -160,6 +163,7 @@ def validate(cfg: Config) -> Config:
         (cfg.train.lr > 0, "train.lr", "a positive float"),
         (cfg.train.rl_lr >= 0, "train.rl_lr", "0 (shared optimizer) or a positive float"),
         (0 <= cfg.train.mix_mu <= 1, "train.mix_mu", "a float in [0, 1]"),
+        (cfg.train.lr_schedule in ("constant", "cosine"), "train.lr_schedule", "constant or cosine"),
         (cfg.rl.group_size >= 2, "rl.group_size", "an integer >= 2 (group-normalised advantages)"),
         (cfg.rl.backend in ("hf", "vllm"), "rl.backend", "hf or vllm"),
         (cfg.rl.loss_agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"), "rl.loss_agg",

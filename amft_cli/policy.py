@@ -7,6 +7,7 @@ completion tokens (the only ones any loss counts).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,6 +26,7 @@ class Policy:
     chat_template: bool = False
     engine: object | None = None       # rollout.VLLMEngine when rl.backend = "vllm"
     reference: torch.nn.Module | None = None  # frozen copy, only when rl.kl_beta > 0
+    autocast: torch.dtype | None = None  # bf16/fp16 compute over fp32 master weights
     params: list = field(default_factory=list)
     _ids: dict = field(default_factory=dict)
 
@@ -47,6 +49,12 @@ class Policy:
     def ref_logprobs(self, prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
         logprobs, _, _ = sequence_logprobs(self, prompts, completions, grad=False, model=self.reference)
         return logprobs
+
+    def compute(self):
+        """Mixed-precision context for forwards (a no-op for fp32 models)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
 
     def after_update(self) -> None:
         """Keep the rollout engine's weights equal to the policy's."""
@@ -72,7 +80,7 @@ def sequence_logprobs(policy: Policy, prompts: list[list[int]], completions: lis
                       grad: bool = True, model: torch.nn.Module | None = None):
     """Token log-probs (B, L−1), detached entropies (B, L−1) and the completion mask (B, L−1)."""
     ids, attention, targets, mask = pack(prompts, completions, policy.tokenizer.pad_token_id, policy.device)
-    with torch.set_grad_enabled(grad):
+    with torch.set_grad_enabled(grad), policy.compute():
         logits = (model or policy.model)(input_ids=ids, attention_mask=attention).logits[:, :-1]
         logprobs = algo.token_logprobs(logits, targets)
     with torch.no_grad():
@@ -91,6 +99,10 @@ def load_for_training(cfg: Config, checkpoint: Path | None = None) -> Policy:
     """The trainable policy (from a checkpoint when resuming), its rollout engine and reference."""
     device = resolve_device(cfg.model.device)
     mcfg = replace(cfg.model, path=str(checkpoint)) if checkpoint is not None else cfg.model
+    autocast = None
+    if mcfg.lora_rank == 0 and mcfg.dtype != "float32":
+        # full fine-tuning keeps fp32 master weights: a bf16 AdamW step at lr 1e-6 rounds most updates away
+        autocast, mcfg = getattr(torch, mcfg.dtype), replace(mcfg, dtype="float32")
     model, tokenizer = load_policy(mcfg, device, trainable=True)
     model.train()
     reference = None
@@ -103,6 +115,6 @@ def load_for_training(cfg: Config, checkpoint: Path | None = None) -> Policy:
 
         engine = VLLMEngine(mcfg.path, cfg.model.dtype, cfg.rl.vllm_gpu_memory, cfg.seed,
                             max_len=cfg.rl.max_new_tokens + 2048)
-    policy = Policy(model, tokenizer, device, cfg.model.chat_template, engine, reference)
+    policy = Policy(model, tokenizer, device, cfg.model.chat_template, engine, reference, autocast)
     policy.after_update()
     return policy

@@ -160,10 +160,9 @@ class VLLMEngine:
                        max_model_len=max_len, enable_prefix_caching=True)
 
     def sync_weights(self, model) -> None:
-        """Copy the policy's current weights into vLLM (merged first when LoRA-wrapped)."""
-        state = model.merge_and_unload().state_dict() if hasattr(model, "merge_and_unload") else model.state_dict()
+        """Copy the policy's current weights into vLLM (LoRA adapters merged into the copy only)."""
         runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
-        runner.model.load_weights(weights=list(state.items()))
+        runner.model.load_weights(weights=list(merged_state_dict(model).items()))
         self.llm.reset_prefix_cache()
 
     def generate(self, prompt_ids: list[list[int]], n: int, *, max_new_tokens: int, greedy: bool,
@@ -175,3 +174,16 @@ class VLLMEngine:
                                 top_p=1.0 if greedy else top_p)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
         return [list(o.token_ids) for out in outs for o in out.outputs]
+
+
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """The weights as a plain HF model would name them; a peft model's adapters are merged
+    into a copy and unmerged again, so the training model keeps its LoRA layers."""
+    if not hasattr(model, "merge_adapter"):
+        return model.state_dict()
+    model.merge_adapter()
+    try:
+        return {k.replace("base_model.model.", "", 1).replace(".base_layer", ""): v.detach().clone()
+                for k, v in model.state_dict().items() if "lora_" not in k}
+    finally:
+        model.unmerge_adapter()
