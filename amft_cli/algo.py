@@ -49,20 +49,25 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def aggregate(loss_tokens: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
+def aggregate(loss_tokens: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
+              num_tokens: float | None = None, num_seqs: int | None = None) -> torch.Tensor:
     """Reduce per-token losses (B, T) to a scalar.
 
     token-mean: every response token weighs the same (DAPO/Dr. GRPO, our default).
     seq-mean-token-mean: each sequence weighs the same (original GRPO).
     seq-mean-token-sum: sum over tokens, mean over sequences (Dr. GRPO's unnormalised form).
+    num_tokens / num_seqs: normalisers of the WHOLE batch when (B, T) is one
+    micro-batch of it, so that micro-batch losses add up to the full-batch loss.
     """
     if mode == "token-mean":
-        return masked_mean(loss_tokens, mask)
+        denom = num_tokens if num_tokens is not None else mask.sum().clamp(min=1.0)
+        return (loss_tokens * mask).sum() / denom
     per_seq_sum = (loss_tokens * mask).sum(-1)
+    seqs = num_seqs if num_seqs is not None else loss_tokens.shape[0]
     if mode == "seq-mean-token-mean":
-        return (per_seq_sum / mask.sum(-1).clamp(min=1.0)).mean()
+        return (per_seq_sum / mask.sum(-1).clamp(min=1.0)).sum() / seqs
     if mode == "seq-mean-token-sum":
-        return per_seq_sum.mean()
+        return per_seq_sum.sum() / seqs
     raise ValueError(f"rl.loss_agg: unknown aggregation {mode!r}")
 
 
@@ -70,9 +75,10 @@ def aggregate(loss_tokens: torch.Tensor, mask: torch.Tensor, mode: str = "token-
 # losses
 
 
-def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Token-mean negative log-likelihood of demonstrations. logprobs, mask (B, T) -> scalar."""
-    return -masked_mean(logprobs, mask)
+def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:
+    """Token-mean negative log-likelihood of demonstrations. logprobs, mask (B, T) -> scalar.
+    num_tokens: the whole batch's token count when this is one micro-batch of it."""
+    return aggregate(-logprobs, mask, "token-mean", num_tokens)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
@@ -99,12 +105,14 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, clip_eps: float = 0.2, clip_eps_high: float = 0.0,
                 loss_agg: str = "token-mean", ref_logprobs: torch.Tensor | None = None,
-                kl_beta: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                kl_beta: float = 0.0, num_tokens: float | None = None,
+                num_seqs: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clipped policy-gradient loss of GRPO.
 
     logprobs, old_logprobs, mask (B, T); advantages (B,) broadcast over tokens.
     Per token: max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε_high)), ρ = exp(logπ − logπ_old);
     ε_high = ε unless set (DAPO's clip-higher). Plus β·KL_k3 when β > 0.
+    num_tokens / num_seqs: whole-batch normalisers for a micro-batch (see `aggregate`).
     Returns (scalar loss, stats: clip_frac, kl).
     """
     eps_high = clip_eps_high or clip_eps
@@ -118,7 +126,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         kl = kl_k3(logprobs, ref_logprobs)
         loss_tokens = loss_tokens + kl_beta * kl
         stats["kl"] = masked_mean(kl.detach(), mask).item()
-    return aggregate(loss_tokens, mask, loss_agg), stats
+    return aggregate(loss_tokens, mask, loss_agg, num_tokens, num_seqs), stats
 
 
 # ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ User mistakes (bad preset, key, value, path) end in one red line and exit code 2
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -14,6 +15,9 @@ import typer
 from rich.console import Console
 
 from amft_cli.config import Config, ConfigError, apply_overrides, field_help, list_presets, load_preset, validate
+
+# transformers' per-shard "Loading weights" bars would tear through the live dashboard
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 DEFAULT_PRESET = "tiny-math"
 console = Console()

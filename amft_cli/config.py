@@ -74,6 +74,9 @@ class TrainConfig:
     steps: int = knob(500, "Optimizer steps. The AMFT authors train 500.")
     sft_batch_size: int = knob(64, "Demonstrations per step for the SFT loss.")
     prompts_per_step: int = knob(32, "Prompts per step for the RL loss; each gets rl.group_size rollouts.")
+    micro_batch_size: int = knob(0, "Sequences per forward/backward pass (gradient accumulation); 0 = whole "
+                                 "batch at once. Losses are normalised over the whole batch, so the result "
+                                 "does not depend on it; only memory does.")
     lr: float = knob(1e-6, "AdamW learning rate of the SFT part (and of RL too when rl_lr is 0). "
                      "Paper: 1e-6 for 7B models; the tiny from-scratch models need ~1e-3.")
     rl_lr: float = knob(0.0, "0 = one optimizer on μ·L_SFT+(1−μ)·L_RL (the paper). >0 = the RL part gets its own "

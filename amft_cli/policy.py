@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -88,11 +89,43 @@ def sequence_logprobs(policy: Policy, prompts: list[list[int]], completions: lis
     return logprobs, entropy, mask
 
 
-def sft_batch_loss(policy: Policy, examples: list[dict]) -> tuple[torch.Tensor, float]:
-    """SFT NLL of the examples' demonstrations, and their mean token entropy."""
+ChunkLoss = Callable[[torch.Tensor, torch.Tensor, slice], tuple[torch.Tensor, dict]]
+
+
+def grads_in_chunks(policy: Policy, prompts: list[list[int]], completions: list[list[int]],
+                    chunk_loss: ChunkLoss, micro_batch: int = 0) -> tuple[list[torch.Tensor], float, dict]:
+    """Gradients (one tensor per trainable parameter) of a batch loss computed micro_batch
+    sequences at a time (0 = all at once). chunk_loss(logprobs, mask, rows) must normalise by
+    whole-batch counts so the chunks add up to the batch loss (algo.aggregate's num_tokens).
+    Returns (grads, loss value, stats: entropy = mean response-token entropy, plus chunk stats
+    averaged by token count)."""
+    size = micro_batch or len(prompts)
+    grads = [torch.zeros_like(p) for p in policy.params]
+    loss_value, tokens, sums = 0.0, 0.0, {"entropy": 0.0}
+    for start in range(0, len(prompts), size):
+        rows = slice(start, start + size)
+        logprobs, entropy, mask = sequence_logprobs(policy, prompts[rows], completions[rows])
+        loss, stats = chunk_loss(logprobs, mask, rows)
+        for g, new in zip(grads, torch.autograd.grad(loss, policy.params, allow_unused=True)):
+            if new is not None:
+                g += new
+        n = mask.sum().item()
+        loss_value, tokens = loss_value + loss.item(), tokens + n
+        sums["entropy"] += (entropy * mask).sum().item()
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v * n
+    return grads, loss_value, {k: v / max(tokens, 1.0) for k, v in sums.items()}
+
+
+def sft_grads(policy: Policy, examples: list[dict], micro_batch: int = 0) -> tuple[list, float, float]:
+    """∇ of the token-mean SFT NLL of the examples' demonstrations; also the loss and mean entropy."""
     pairs = [policy.demo_ids(ex) for ex in examples]
-    logprobs, entropy, mask = sequence_logprobs(policy, [p for p, _ in pairs], [c for _, c in pairs])
-    return algo.sft_loss(logprobs, mask), algo.masked_mean(entropy, mask).item()
+    completions = [c for _, c in pairs]
+    num_tokens = float(sum(len(c) for c in completions))
+    grads, loss, stats = grads_in_chunks(
+        policy, [p for p, _ in pairs], completions,
+        lambda lp, mask, rows: (algo.sft_loss(lp, mask, num_tokens), {}), micro_batch)
+    return grads, loss, stats["entropy"]
 
 
 def load_for_training(cfg: Config, checkpoint: Path | None = None) -> Policy:

@@ -14,7 +14,9 @@ No rich here: progress goes out through the `on_metrics` / `on_message` callback
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import signal
 import time
 from contextlib import contextmanager
@@ -30,7 +32,7 @@ from amft_cli.checkpoint import (checkpoint_dirs, load_trainer_state, restore_rn
 from amft_cli.config import Config, to_toml
 from amft_cli.data import load_split
 from amft_cli.metrics import MetricSink
-from amft_cli.policy import Policy, load_for_training, sequence_logprobs, sft_batch_loss
+from amft_cli.policy import Policy, grads_in_chunks, load_for_training, sequence_logprobs, sft_grads
 from amft_cli.rewards import RewardFn, load_reward_fn, score_completions
 from amft_cli.rollout import generate
 from amft_cli.tasks import get_task
@@ -69,14 +71,14 @@ class PhaseTimer:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+@functools.lru_cache(maxsize=8)
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
 def take(n: int, count: int, cursor: int, seed: int) -> list[int]:
     """Indices cursor..cursor+count−1 of an endless stream of per-epoch permutations of range(n)."""
-    out = []
-    for pos in range(cursor, cursor + count):
-        epoch, i = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(int(perm[i]))
-    return out
+    return [_epoch_order(n, seed, pos // n)[pos % n] for pos in range(cursor, cursor + count)]
 
 
 # ---------------------------------------------------------------------------
@@ -84,9 +86,9 @@ def take(n: int, count: int, cursor: int, seed: int) -> list[int]:
 
 
 def rl_signal(policy: Policy, cfg: Config, task, examples: list[dict], generator: torch.Generator,
-              reward_fn: RewardFn | None, timer: PhaseTimer) -> tuple[torch.Tensor, dict]:
-    """Rollouts → verifier rewards → group advantages → GRPO loss (differentiable) and stats."""
-    with timer("rollout"):
+              reward_fn: RewardFn | None, timer: PhaseTimer) -> tuple[list[torch.Tensor], float, dict]:
+    """Rollouts → verifier rewards → group advantages → ∇ of the GRPO loss. Returns (g_RL, loss, stats)."""
+    with timer("rollout"), policy.compute():
         rollouts = generate(policy.model, policy.tokenizer, [policy.prompt_ids(ex) for ex in examples],
                             cfg.rl.group_size, max_new_tokens=cfg.rl.max_new_tokens,
                             temperature=cfg.rl.temperature, top_p=cfg.rl.top_p,
@@ -96,28 +98,29 @@ def rl_signal(policy: Policy, cfg: Config, task, examples: list[dict], generator
         rewards, statuses = score_completions(task, grouped, rollouts.texts, reward_fn)
         advantages = algo.group_advantages(rewards, cfg.rl.group_size, cfg.rl.scale_adv_by_std)
     with timer("losses"):
-        logprobs, entropy, mask = sequence_logprobs(policy, rollouts.prompt_ids, rollouts.completion_ids)
-        ref = policy.ref_logprobs(rollouts.prompt_ids, rollouts.completion_ids) if cfg.rl.kl_beta > 0 else None
-        loss, pg_stats = algo.policy_loss(
-            logprobs, logprobs.detach(), advantages.to(logprobs.device), mask, cfg.rl.clip_eps,
-            cfg.rl.clip_eps_high, cfg.rl.loss_agg, ref, cfg.rl.kl_beta)
+        prompts, completions = rollouts.prompt_ids, rollouts.completion_ids
+        num_tokens = float(rollouts.num_tokens)
+
+        def chunk_loss(logprobs, mask, rows):
+            ref = policy.ref_logprobs(prompts[rows], completions[rows]) if cfg.rl.kl_beta > 0 else None
+            return algo.policy_loss(  # one update per batch: π_old = π_θ, log-probs computed once
+                logprobs, logprobs.detach(), advantages[rows].to(logprobs.device), mask, cfg.rl.clip_eps,
+                cfg.rl.clip_eps_high, cfg.rl.loss_agg, ref, cfg.rl.kl_beta, num_tokens, len(completions))
+
+        grads, loss, chunk_stats = grads_in_chunks(policy, prompts, completions, chunk_loss,
+                                                   cfg.train.micro_batch_size)
     rollout_s = timer.seconds.get("rollout", 0.0)
     stats = {
         "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
         "reward/accuracy": sum(s == "correct" for s in statuses) / len(statuses),
-        "policy/entropy": algo.masked_mean(entropy, mask).item(),
-        "rollout/len_mean": rollouts.num_tokens / len(rollouts.completion_ids),
+        "policy/entropy": chunk_stats["entropy"],
+        "rollout/len_mean": rollouts.num_tokens / len(completions),
         "rollout/truncated_frac": 1.0 - sum(rollouts.finished) / len(rollouts.finished),
         "rollout/tokens_per_s": rollouts.num_tokens / max(rollout_s, 1e-9),
-        "rl/clip_frac": pg_stats["clip_frac"],
-        **({"rl/kl": pg_stats["kl"]} if "kl" in pg_stats else {}),
+        "rl/clip_frac": chunk_stats["clip_frac"],
+        **({"rl/kl": chunk_stats["kl"]} if "kl" in chunk_stats else {}),
     }
-    return loss, stats
-
-
-def grads_of(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+    return grads, loss, stats
 
 
 def utility_grad(policy: Policy, cfg: Config, task, val: list[dict], cursors: Cursors,
@@ -128,10 +131,10 @@ def utility_grad(policy: Policy, cfg: Config, task, val: list[dict], cursors: Cu
     examples = [val[i] for i in take(len(val), count, cursors.val, cfg.seed + 7)]
     cursors.val += count
     if cfg.amft.utility == "reward":
-        loss, _ = rl_signal(policy, cfg, task, examples, generator, reward_fn, PhaseTimer())
+        grads, _, _ = rl_signal(policy, cfg, task, examples, generator, reward_fn, PhaseTimer())
     else:
-        loss, _ = sft_batch_loss(policy, examples)
-    return -algo.flatten_grads(grads_of(loss, policy.params), policy.params)
+        grads, _, _ = sft_grads(policy, examples, cfg.train.micro_batch_size)
+    return -algo.flatten_grads(grads, policy.params)
 
 
 # ---------------------------------------------------------------------------
@@ -165,6 +168,17 @@ def apply_update(policy: Policy, optimizers: dict, g_sft: list | None, g_rl: lis
         optimizers[name].step()
         optimizers[name].zero_grad(set_to_none=True)
     return norm
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Learning-rate multiplier at `step`: linear warm-up, then constant or cosine decay."""
+    t = cfg.train
+    if t.lr_warmup_steps and step < t.lr_warmup_steps:
+        return (step + 1) / t.lr_warmup_steps
+    if t.lr_schedule == "cosine":
+        progress = (step - t.lr_warmup_steps) / max(1, t.steps - t.lr_warmup_steps)
+        return t.lr_min_ratio + (1 - t.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return 1.0
 
 
 def make_optimizers(policy: Policy, cfg: Config) -> dict[str, torch.optim.Optimizer]:
@@ -296,17 +310,14 @@ def train_step(policy: Policy, cfg: Config, task, train_set: list[dict], val_set
     if mu < 1.0:
         prompts = [train_set[i] for i in take(len(train_set), cfg.train.prompts_per_step, cursors.rl, cfg.seed + 1)]
         cursors.rl += len(prompts)
-        loss_rl, rl_stats = rl_signal(policy, cfg, task, prompts, generator, reward_fn, timer)
-        with timer("losses"):
-            g_rl = grads_of(loss_rl, policy.params)
-        metrics.update({"loss/rl": loss_rl.item(), **rl_stats})
+        g_rl, loss_rl, rl_stats = rl_signal(policy, cfg, task, prompts, generator, reward_fn, timer)
+        metrics.update({"loss/rl": loss_rl, **rl_stats})
     if mu > 0.0:
         with timer("losses"):
             demos = [train_set[i] for i in take(len(train_set), cfg.train.sft_batch_size, cursors.sft, cfg.seed + 2)]
             cursors.sft += len(demos)
-            loss_sft, entropy_demo = sft_batch_loss(policy, demos)
-            g_sft = grads_of(loss_sft, policy.params)
-        metrics.update({"loss/sft": loss_sft.item(), "policy/entropy_demo": entropy_demo})
+            g_sft, loss_sft, entropy_demo = sft_grads(policy, demos, cfg.train.micro_batch_size)
+        metrics.update({"loss/sft": loss_sft, "policy/entropy_demo": entropy_demo})
     metrics["loss/total"] = mu * metrics.get("loss/sft", 0.0) + (1 - mu) * metrics.get("loss/rl", 0.0)
     if cfg.train.algo == "amft":
         with timer("controller"):
@@ -317,7 +328,7 @@ def train_step(policy: Policy, cfg: Config, task, train_set: list[dict], val_set
                 policy, cfg, control, step, metrics.get("policy/entropy"), g_sft, g_rl,
                 lambda: utility_grad(policy, cfg, task, val_set, cursors, generator, reward_fn)))
     with timer("update"):
-        lr_scale = min(1.0, (step + 1) / cfg.train.lr_warmup_steps) if cfg.train.lr_warmup_steps else 1.0
+        lr_scale = lr_factor(step, cfg)
         metrics["optim/grad_norm"] = apply_update(policy, optimizers, g_sft, g_rl, mu, cfg, lr_scale)
         metrics["optim/lr"] = cfg.train.lr * lr_scale
         policy.after_update()

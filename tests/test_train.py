@@ -16,7 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from amft_cli import checkpoint
 from amft_cli.checkpoint import checkpoint_dirs, load_trainer_state, save_checkpoint
 from amft_cli.cli import resolve_config
 from amft_cli.config import Config, load_preset
@@ -26,7 +25,8 @@ from amft_cli.policy import Policy
 from amft_cli.train import apply_update, make_optimizers, train
 
 AMFT = str(Path(sys.executable).parent / "amft")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# PYTHONPATH: subprocesses import this module's scrambled_reward as task.reward
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
 W, K = 4, 3  # amft.warmup_steps, amft.meta_every of the small runs
 DESIGN_KEYS = {"loss/sft", "loss/rl", "balance/mu", "balance/meta_grad", "balance/entropy_term",
                "policy/entropy", "reward/mean", "reward/std", "reward/accuracy", "rollout/len_mean",
@@ -58,9 +58,13 @@ def data_dir(tmp_path_factory) -> Path:
     return path
 
 
-def length_reward(prompts, completions, **columns):
+def scrambled_reward(prompts, completions, **columns):
     """A custom reward with signal even for an untrained model (its verifier rewards are all 0)."""
-    return [float(len(c)) for c in completions]
+    return [float(sum(map(ord, c)) % 7) for c in completions]
+
+
+REWARD = f"task.reward={__name__}:scrambled_reward"
+SUBPROCESS_REWARD = "task.reward=test_train:scrambled_reward"  # importable through ENV's PYTHONPATH
 
 
 def run_algo(tmp_path: Path, data_dir: Path, algo: str, *sets: str, preset: str = "tiny-math") -> list[dict]:
@@ -92,7 +96,7 @@ def test_sft_has_no_rollouts_and_mu_one(tmp_path, data_dir):
 
 
 def test_rl_has_no_demonstrations_and_mu_zero(tmp_path, data_dir):
-    records = run_algo(tmp_path, data_dir, "rl", f"task.reward={__name__}:length_reward")
+    records = run_algo(tmp_path, data_dir, "rl", REWARD)
     assert all(r["balance/mu"] == 0.0 for r in records)
     assert not any("loss/sft" in r or "policy/entropy_demo" in r for r in records)
     assert all(RL_KEYS <= r.keys() and r["reward/std"] > 0 for r in records)
@@ -115,7 +119,7 @@ def test_mix_keeps_mu_constant(tmp_path, data_dir):
 
 
 def test_amft_warmup_then_learned_mu(tmp_path, data_dir):
-    records = run_algo(tmp_path, data_dir, "amft")
+    records = run_algo(tmp_path, data_dir, "amft", REWARD)
     cfg = load_preset(str(tmp_path / "run" / "config.toml")).amft
     warm, mixed = records[:W], records[W:]
     assert all(r["balance/mu"] == 1.0 and r["balance/entropy_target"] is None for r in warm)
@@ -128,6 +132,7 @@ def test_amft_warmup_then_learned_mu(tmp_path, data_dir):
     # takes a meta-gradient step when (s-1-W) % K == 0, i.e. on the first mixed step and every K after
     assert [r["step"] for r in records if r["balance/meta_update"] == 1.0] == [5, 8, 11]
     assert all(r["balance/meta_update"] in (0.0, 1.0) for r in records)
+    assert all(r["balance/meta_grad"] != 0.0 for r in records if r["balance/meta_update"])
     for r, nxt in zip(mixed, mixed[1:]):
         assert DESIGN_KEYS <= r.keys() and all(r[k] is not None for k in DESIGN_KEYS)
         assert r["balance/entropy_term"] == pytest.approx(cfg.eta_entropy * (target - r["policy/entropy"]), abs=1e-12)
@@ -179,7 +184,8 @@ def comparable(records: list[dict]) -> list[dict]:
 
 @pytest.mark.slow
 def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
-    sets = [a for s in small_sets(data_dir) + ["train.steps=16", "train.save_every=4"] for a in ("--set", s)]
+    extra = ["train.steps=16", "train.save_every=4", SUBPROCESS_REWARD]
+    sets = [a for s in small_sets(data_dir) + extra for a in ("--set", s)]
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     proc_a = start(["train", *sets, "--run-dir", str(run_a), "--plain"], tmp_path)
     proc_b = start(["train", *sets, "--run-dir", str(run_b), "--plain"], tmp_path)
@@ -368,7 +374,8 @@ def test_shared_mode_is_one_adamw_step_on_the_weighted_gradient():
         norm = apply_update(policy, optimizers, g_sft, g_rl, 0.3, cfg, lr_scale=1.0)
         combined = [0.3 * a + 0.7 * b for a, b in zip(g_sft, g_rl)]
         assert norm == pytest.approx(torch.cat([c.flatten() for c in combined]).norm().item(), rel=1e-6)
-        opts = [manual_adamw(clipped, combined, 0.1, opts[0], clip=0.5), manual_adamw(unclipped, combined, 0.1, opts[1])]
+        opts = [manual_adamw(clipped, combined, 0.1, opts[0], clip=0.5),
+                manual_adamw(unclipped, combined, 0.1, opts[1])]
     for p, c in zip(policy.params, clipped):
         torch.testing.assert_close(p.detach(), c.detach(), rtol=0, atol=1e-7)
     assert not all(torch.allclose(p, u, atol=1e-5) for p, u in zip(policy.params, unclipped))

@@ -4,9 +4,8 @@
 
 The work of one step is fixed by the issue: 32 prompts × 8 completions of at
 most 12 new tokens, RL learning rate 1e-5, one update per rollout batch, no
-KL. Each row times `train.train_step` on a freshly loaded policy (the model
-folder of presets/tiny-math.toml, built by `amft prepare`), drops W warm-up
-steps and prints the median of the next N:
+KL. Each row times `train.train_step` on its own freshly loaded policy (the
+model folder of presets/tiny-math.toml, built by `amft prepare`):
 
     rl            GRPO (μ = 0): rollouts, rewards, one update
     amft          a mixed step after warm-up: the same RL work plus the SFT batch
@@ -15,11 +14,15 @@ steps and prints the median of the next N:
 
 With --trl, TRL's GRPOTrainer does the same work on the same model folder,
 prompts and verifier (tiny_math.score), in fp32 without gradient checkpointing
-like ours, and the table adds the ratio TRL / ours. TRL runs in this process
-when it imports here, otherwise as a subprocess of --trl-python (a separate
-venv with trl and torch, amft_cli reached through PYTHONPATH). Both halves
-use the same torch thread count. The ratios are the claim, not the seconds:
-the halves run one after the other on a machine that may be shared.
+like ours (--trl-defaults keeps TRL's bf16 autocast and checkpointing), and the
+table adds the ratio TRL / ours. TRL runs in this process when it imports here,
+otherwise as a subprocess of --trl-python (a venv with trl; amft_cli is reached
+through PYTHONPATH), with the same torch thread count.
+
+Steps are interleaved in rounds (one TRL step, then one step of each of our
+rows; a subprocess waits on a pipe meanwhile), so load from other programs on
+a shared machine hits every row alike. W warm-up rounds are dropped and each
+row reports the median of the next N. The ratios are the claim, not the seconds.
 """
 
 from __future__ import annotations
@@ -33,12 +36,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # runnable from a checkout without `pip install -e .`
 
 PROMPTS, GROUP, MAX_NEW_TOKENS, RL_LR = 32, 8, 12, 1e-5
-WORKER_TAG = "TRL_ROW "
+WORKER_TAG = "TRL_STEP "
 
 
 def bench_config(algo: str, meta_every: int):
@@ -56,50 +60,54 @@ def bench_config(algo: str, meta_every: int):
     return validate(cfg)
 
 
-def summarize(label: str, seconds: list[float], rollout_s: list[float], tokens: list[float]) -> dict:
-    """One table row from per-step wall times (s), rollout times (s) and generated tokens."""
-    step = statistics.median(seconds)
-    return {"label": label, "steps": len(seconds), "step_s": step,
-            "rollout_share": statistics.median(r / s for r, s in zip(rollout_s, seconds)),
+def summarize(label: str, records: list[dict], warmup: int) -> dict:
+    """One table row from per-step records {s, rollout_s, tokens}, warm-up dropped."""
+    timed = records[warmup:]
+    step = statistics.median(r["s"] for r in timed)
+    return {"label": label, "steps": len(timed), "step_s": step,
+            "rollout_share": statistics.median(r["rollout_s"] / r["s"] for r in timed),
             "completions_per_s": PROMPTS * GROUP / step,
-            "tokens_per_s": statistics.median(tokens) / step}
+            "tokens_per_s": statistics.median(r["tokens"] for r in timed) / step}
 
 
 # ---------------------------------------------------------------------------
 # ours
 
 
-def time_ours(label: str, algo: str, meta_every: int, steps: int, warmup: int) -> dict:
-    """Median wall time of train.train_step after `warmup` untimed steps on a fresh policy."""
-    import torch
+class OursRow:
+    """One configuration of our trainer on a fresh policy, stepped one train_step at a time."""
 
-    from amft_cli import train
-    from amft_cli.data import load_split
-    from amft_cli.policy import load_for_training
-    from amft_cli.tasks import get_task
+    def __init__(self, label: str, algo: str, meta_every: int) -> None:
+        import torch
 
-    cfg = bench_config(algo, meta_every)
-    torch.manual_seed(cfg.seed)
-    task, train_set, val_set = get_task(cfg.task.name), load_split(cfg, "train"), load_split(cfg, "val")
-    policy = load_for_training(cfg)
-    optimizers = train.make_optimizers(policy, cfg)
-    generator = torch.Generator(device=policy.device).manual_seed(cfg.seed)
-    control, cursors = train.ControllerState(mu=cfg.amft.mu_init), train.Cursors()
-    seconds, rollout_s, tokens = [], [], []
-    for i in range(warmup + steps):  # step 0 of amft measures H* (warmup_steps = 0): untimed
+        from amft_cli import train
+        from amft_cli.data import load_split
+        from amft_cli.policy import load_for_training
+        from amft_cli.tasks import get_task
+
+        self.label, self.algo, self.meta_every, self.train = label, algo, meta_every, train
+        self.cfg = cfg = bench_config(algo, meta_every)
+        torch.manual_seed(cfg.seed)
+        self.task = get_task(cfg.task.name)
+        self.train_set, self.val_set = load_split(cfg, "train"), load_split(cfg, "val")
+        self.policy = load_for_training(cfg)
+        self.optimizers = train.make_optimizers(self.policy, cfg)
+        self.generator = torch.Generator(device=self.policy.device).manual_seed(cfg.seed)
+        self.control, self.cursors = train.ControllerState(mu=cfg.amft.mu_init), train.Cursors()
+        self.records: list[dict] = []
+
+    def step(self) -> None:
+        """One timed train_step (amft's step 0 also measures H*: a warm-up round drops it)."""
         started = time.perf_counter()
-        metrics = train.train_step(policy, cfg, task, train_set, val_set, optimizers, control, cursors,
-                                   generator, None, lambda msg: None)
+        metrics = self.train.train_step(self.policy, self.cfg, self.task, self.train_set, self.val_set,
+                                        self.optimizers, self.control, self.cursors, self.generator, None,
+                                        lambda msg: None)
         elapsed = time.perf_counter() - started
-        cursors.step += 1
-        if i >= warmup:
-            seconds.append(elapsed)
-            rollout_s.append(metrics["time/rollout_s"])
-            tokens.append(metrics["rollout/len_mean"] * PROMPTS * GROUP)
-    if algo == "amft":
-        expected = 1.0 if meta_every == 1 else 0.0
-        assert metrics["balance/meta_update"] == expected, "benchmark did not time the step it names"
-    return summarize(label, seconds, rollout_s, tokens)
+        if self.algo == "amft" and self.cursors.step > 0:  # the row times the step it names
+            assert metrics["balance/meta_update"] == float(self.meta_every == 1)
+        self.cursors.step += 1
+        self.records.append({"s": elapsed, "rollout_s": metrics["time/rollout_s"],
+                             "tokens": metrics["rollout/len_mean"] * PROMPTS * GROUP})
 
 
 # ---------------------------------------------------------------------------
@@ -113,11 +121,11 @@ def tiny_math_reward(prompts, completions, answer, **columns) -> list[float]:
     return [tiny_math.score({"answer": a}, c).reward for c, a in zip(completions, answer)]
 
 
-def time_trl(steps: int, warmup: int) -> dict:
-    """GRPOTrainer on the same model, prompts, verifier and work; medians over the timed steps.
+def run_trl(total_steps: int, after_step: Callable[[dict], None], trl_defaults: bool = False) -> None:
+    """GRPOTrainer on the same model, prompts, verifier and work; after_step(record) after each step.
 
-    A step is timed from the end of the previous one (so it includes TRL's batch
-    fetch, generation, scoring, loss and update); hence warm-up must be >= 1.
+    A step is timed from the return of the previous after_step to the step's end,
+    so it covers TRL's batch fetch, generation, scoring, loss and update.
     """
     import torch
     from datasets import Dataset
@@ -127,50 +135,47 @@ def time_trl(steps: int, warmup: int) -> dict:
     from amft_cli.data import load_split
 
     cfg = bench_config("rl", 10**9)
-    rows = load_split(cfg, "train")[: PROMPTS * (warmup + steps)]
+    rows = load_split(cfg, "train")[: PROMPTS * total_steps]
     dataset = Dataset.from_list([{"prompt": ex["prompt"], "answer": ex["answer"]} for ex in rows])
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    generated = {"s": [], "tokens": []}
+    generated: list[tuple[float, int]] = []
     generate = model.generate
 
-    def timed_generate(*args, **kwargs):  # TRL's rollout, timed and its new tokens counted
+    def timed_generate(*args, **kwargs):  # TRL's rollout: its time and new tokens (eos included)
         started = time.perf_counter()
         out = generate(*args, **kwargs)
-        generated["s"].append(time.perf_counter() - started)
         new = out[:, kwargs["input_ids"].shape[1]:]
-        generated["tokens"].append(int((new != tokenizer.pad_token_id).sum()))
+        generated.append((time.perf_counter() - started, int((new != tokenizer.pad_token_id).sum())))
         return out
 
     model.generate = timed_generate
 
-    class StepClock(TrainerCallback):
-        """Wall time at the end of every optimizer step."""
+    class Clock(TrainerCallback):
+        resumed = 0.0
 
-        def __init__(self) -> None:
-            self.ends: list[float] = []
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.resumed = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
+            seconds = time.perf_counter() - self.resumed
+            after_step({"s": seconds, "rollout_s": generated[-1][0], "tokens": generated[-1][1]})
+            self.resumed = time.perf_counter()
 
+    precision = {} if trl_defaults else {"bf16": False, "gradient_checkpointing": False}
     with tempfile.TemporaryDirectory() as out_dir:
         args = GRPOConfig(
-            output_dir=out_dir, use_cpu=True, bf16=False, gradient_checkpointing=False, seed=cfg.seed,
+            output_dir=out_dir, use_cpu=True, seed=cfg.seed, **precision,
             per_device_train_batch_size=PROMPTS * GROUP, gradient_accumulation_steps=1,
             num_generations=GROUP, max_completion_length=MAX_NEW_TOKENS, temperature=1.0, top_p=1.0,
             learning_rate=RL_LR, lr_scheduler_type="constant", max_grad_norm=1.0, beta=0.0,
-            num_iterations=1, epsilon=0.2, loss_type="dapo", max_steps=warmup + steps,
-            logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
-            dataloader_num_workers=0)
-        clock = StepClock()
-        trainer = GRPOTrainer(model=model, args=args, reward_funcs=tiny_math_reward, train_dataset=dataset,
-                              processing_class=tokenizer, callbacks=[clock])
-        trainer.train()
-    seconds = [b - a for a, b in zip(clock.ends[warmup - 1:], clock.ends[warmup:])]
-    return summarize("TRL GRPO", seconds, generated["s"][warmup:], generated["tokens"][warmup:])
+            num_iterations=1, epsilon=0.2, loss_type="dapo", max_steps=total_steps,
+            logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True)
+        GRPOTrainer(model=model, args=args, reward_funcs=tiny_math_reward, train_dataset=dataset,
+                    processing_class=tokenizer, callbacks=[Clock()]).train()
 
 
-def trl_in_process() -> bool:
+def trl_imports_here() -> bool:
     try:
         import trl  # noqa: F401
     except Exception:  # noqa: BLE001 - any import failure means "use the separate venv"
@@ -178,27 +183,42 @@ def trl_in_process() -> bool:
     return True
 
 
-def trl_row(args) -> dict | None:
-    """TRL's row, from this process when trl imports here, else from the --trl-python venv."""
-    if trl_in_process() and not args.trl_subprocess:
-        return time_trl(args.steps, args.warmup)
+def trl_worker(args) -> None:
+    """Subprocess side: report each TRL step on stdout, then wait for the parent's round."""
+    def after_step(record: dict) -> None:
+        print(WORKER_TAG + json.dumps(record), flush=True)
+        sys.stdin.readline()
+
+    run_trl(args.warmup + args.steps, after_step, args.trl_defaults)
+
+
+def run_trl_subprocess(args, between: Callable[[], None]) -> list[dict] | None:
+    """TRL in the --trl-python venv, in lockstep: after each of its steps, between() runs here."""
     python = Path(args.trl_python)
     if not python.is_file():
-        print(f"--trl: trl does not import here and {python} does not exist; create the venv "
+        print(f"--trl: trl does not import here and {python} does not exist; create that venv "
               "(tests/benchmarks/README.md) or pass --trl-python", file=sys.stderr)
         return None
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     cmd = [str(python), __file__, "--trl-worker", "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--threads", str(args.threads)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
-    for line in done.stdout.splitlines():
-        if line.startswith(WORKER_TAG):
-            row = json.loads(line[len(WORKER_TAG):])
-            row["label"] += " (subprocess)"
-            return row
-    print(f"--trl: the TRL subprocess failed (exit {done.returncode}):\n{done.stderr[-3000:]}", file=sys.stderr)
-    return None
+           "--threads", str(args.threads)] + (["--trl-defaults"] if args.trl_defaults else [])
+    records: list[dict] = []
+    with tempfile.TemporaryFile("w+") as errors:  # a file, not a pipe: TRL's warnings can't block it
+        with subprocess.Popen(cmd, env=env, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=errors, text=True, bufsize=1) as proc:
+            for line in proc.stdout:
+                if line.startswith(WORKER_TAG):
+                    records.append(json.loads(line[len(WORKER_TAG):]))
+                    between()
+                    proc.stdin.write("go\n")
+                    proc.stdin.flush()
+        if proc.returncode != 0 or len(records) < args.warmup + args.steps:
+            errors.seek(0)
+            print(f"--trl: the TRL subprocess failed (exit {proc.returncode}):\n{errors.read()[-3000:]}",
+                  file=sys.stderr)
+            return None
+    return records
 
 
 # ---------------------------------------------------------------------------
@@ -213,50 +233,63 @@ def versions() -> str:
 
 
 def print_table(rows: list[dict], trl: dict | None) -> None:
-    """One line per row; with TRL, the ratio TRL s/step ÷ ours (> 2 meets the issue's 'half')."""
-    head = f"{'step':<28}{'s/step':>8}{'rollout':>9}{'compl/s':>9}{'tok/s':>8}"
-    print(head + (f"{'TRL/ours':>10}" if trl else ""))
+    """One line per row; with TRL, the ratio TRL s/step ÷ row s/step (>= 2: at most half of TRL's)."""
+    print(f"{'step':<30}{'s/step':>8}{'rollout':>9}{'compl/s':>9}{'tok/s':>8}" + (f"{'TRL/ours':>10}" if trl else ""))
     for row in rows + ([trl] if trl else []):
-        line = (f"{row['label']:<28}{row['step_s']:>8.3f}{row['rollout_share']:>9.0%}"
+        line = (f"{row['label']:<30}{row['step_s']:>8.3f}{row['rollout_share']:>9.0%}"
                 f"{row['completions_per_s']:>9.0f}{row['tokens_per_s']:>8.0f}")
-        if trl:
-            line += f"{trl['step_s'] / row['step_s']:>10.2f}"
-        print(line)
+        print(line + (f"{trl['step_s'] / row['step_s']:>10.2f}" if trl else ""))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=5, help="timed steps per row (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 1)")
+    p.add_argument("--steps", type=int, default=5, help="timed rounds (each row reports its median step)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (>= 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, the same for both halves")
     p.add_argument("--trl", action="store_true", help="also run TRL's GRPOTrainer and print TRL/ours")
+    p.add_argument("--trl-defaults", action="store_true",
+                   help="keep TRL's own bf16 autocast and gradient checkpointing (not the same work as ours)")
     p.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON", str(ROOT.parent / "venv-trl/bin/python")),
                    help="python of a venv with trl, used when trl does not import here (env TRL_PYTHON)")
-    p.add_argument("--trl-subprocess", action="store_true", help="run TRL in --trl-python even if it imports here")
+    p.add_argument("--trl-subprocess", action="store_true", help="use --trl-python even if trl imports here")
     p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 1:
-        p.error("--steps and --warmup: expected integers >= 1")
+    if args.steps < 1 or args.warmup < 1 or args.threads < 1:
+        p.error("--steps, --warmup and --threads: expected integers >= 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
+    from transformers.utils import logging as hf_logging
 
     torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()
     if args.trl_worker:
-        print(WORKER_TAG + json.dumps(time_trl(args.steps, args.warmup)), flush=True)
-        return
-    rows = [time_ours("ours GRPO (rl)", "rl", 10**9, args.steps, args.warmup),
-            time_ours("ours AMFT (mixed)", "amft", 10**9, args.steps, args.warmup),
-            time_ours("ours AMFT (meta-grad step)", "amft", 1, args.steps, args.warmup)]
-    trl = trl_row(args) if args.trl else None
+        return trl_worker(args)
+    ours = [OursRow("ours GRPO (rl)", "rl", 10**9), OursRow("ours AMFT (mixed)", "amft", 10**9),
+            OursRow("ours AMFT (meta-grad step)", "amft", 1)]
+
+    def our_round() -> None:
+        for row in ours:
+            row.step()
+
+    rounds, trl_records, trl_label = args.warmup + args.steps, None, "TRL GRPOTrainer"
+    if args.trl and trl_imports_here() and not args.trl_subprocess:
+        trl_records = []
+        run_trl(rounds, lambda record: (trl_records.append(record), our_round()), args.trl_defaults)
+    elif args.trl:
+        trl_records, trl_label = run_trl_subprocess(args, our_round), trl_label + " (subprocess)"
+    while len(ours[0].records) < rounds:  # no TRL, or it failed part way (reason printed)
+        our_round()
+    trl = summarize(trl_label + (" defaults" if args.trl_defaults else ""), trl_records, args.warmup) \
+        if trl_records else None
     print(f"\n{PROMPTS} prompts x {GROUP} completions, <= {MAX_NEW_TOKENS} new tokens, rl lr {RL_LR:g}; "
-          f"median of {args.steps} steps after {args.warmup} warm-up; {versions()}")
-    print("rollout = share of the step spent generating the training completions; "
-          "compl/s, tok/s = training completions and their tokens per second of whole step\n")
-    print_table(rows, trl)
+          f"median of {args.steps} interleaved rounds after {args.warmup} warm-up; {versions()}")
+    print("rollout = share of the step generating the training completions; compl/s, tok/s = training "
+          "completions and their tokens per second of whole step; TRL/ours = TRL s/step / row s/step\n")
+    print_table([summarize(row.label, row.records, args.warmup) for row in ours], trl)
 
 
 if __name__ == "__main__":
