@@ -1,0 +1,59 @@
+"""Micro-batched gradients equal whole-batch gradients (the normalisers are whole-batch)."""
+
+import pytest
+import torch
+
+from amft_cli import algo
+from amft_cli.config import ModelConfig
+from amft_cli.model import build_tiny_model, load_policy
+from amft_cli.policy import Policy, grads_in_chunks, pack, sft_grads
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    torch.set_num_threads(1)
+    mcfg = ModelConfig(path=str(tmp_path_factory.mktemp("m") / "model"), hidden_size=32, num_layers=2, num_heads=2)
+    build_tiny_model(mcfg, ["0123456789+*=,\\boxed{}"], mcfg.path, seed=0)
+    model, tok = load_policy(mcfg, torch.device("cpu"), trainable=True)
+    return Policy(model, tok, torch.device("cpu"))
+
+
+def _examples(n):
+    return [{"id": f"e{i}", "prompt": f"{i}+{i % 7}*3=", "demonstration": f"{i % 7}*3={(i % 7) * 3}" + "x" * (i % 4)}
+            for i in range(n)]
+
+
+def test_pack_masks_exactly_the_completion_tokens():
+    ids, attention, targets, mask = pack([[1, 5, 6], [1, 7]], [[8, 2], [9, 9, 2]], pad_id=0, device=torch.device("cpu"))
+    assert ids.tolist() == [[1, 5, 6, 8, 2], [1, 7, 9, 9, 2]]
+    assert mask.tolist() == [[0, 0, 1, 1], [0, 1, 1, 1]]
+    assert targets[0, 2:].tolist() == [8, 2]
+
+
+def test_sft_grads_do_not_depend_on_micro_batch(policy):
+    examples = _examples(7)
+    full, loss_full, h_full = sft_grads(policy, examples, 0)
+    chunked, loss_chunked, h_chunked = sft_grads(policy, examples, 3)
+    assert loss_chunked == pytest.approx(loss_full, rel=1e-5)
+    assert h_chunked == pytest.approx(h_full, rel=1e-5)
+    for a, b in zip(full, chunked):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_policy_loss_grads_do_not_depend_on_micro_batch(policy, agg):
+    pairs = [policy.demo_ids(ex) for ex in _examples(6)]
+    prompts, completions = [p for p, _ in pairs], [c for _, c in pairs]
+    adv = torch.tensor([1.0, -0.5, 0.2, -1.0, 0.7, 0.0])
+    num_tokens = float(sum(len(c) for c in completions))
+
+    def chunk_loss(lp, mask, rows):
+        return algo.policy_loss(lp, lp.detach(), adv[rows], mask, loss_agg=agg,
+                                num_tokens=num_tokens, num_seqs=len(prompts))
+
+    full, loss_full, _ = grads_in_chunks(policy, prompts, completions, chunk_loss, 0)
+    chunked, loss_chunked, _ = grads_in_chunks(policy, prompts, completions, chunk_loss, 4)
+    assert loss_chunked == pytest.approx(loss_full, rel=1e-5, abs=1e-7)
+    assert any(g.abs().sum() > 0 for g in full)
+    for a, b in zip(full, chunked):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
