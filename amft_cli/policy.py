@@ -17,6 +17,7 @@ import torch
 from amft_cli import algo
 from amft_cli.config import Config
 from amft_cli.model import encode_completion, encode_prompt, load_policy, resolve_device
+from amft_cli.rollout import cache_of, left_pad
 
 
 @dataclass
@@ -47,8 +48,10 @@ class Policy:
         return self.prompt_ids(example), self._ids[key]
 
     @torch.no_grad()
-    def ref_logprobs(self, prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
-        logprobs, _, _ = sequence_logprobs(self, prompts, completions, grad=False, model=self.reference)
+    def ref_logprobs(self, prompts: list[list[int]], completions: list[list[int]],
+                     group_size: int = 1) -> torch.Tensor:
+        logprobs, _, _ = sequence_logprobs(self, prompts, completions, grad=False, model=self.reference,
+                                           group_size=group_size)
         return logprobs
 
     def compute(self):
@@ -77,12 +80,46 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int, de
     return ids.to(device), attention.to(device), ids[:, 1:].to(device), mask.to(device)
 
 
+def shared_prompt_logits(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+                         device: torch.device):
+    """Logits for G completions per prompt with each prompt run ONCE: the prompt pass builds a KV
+    cache (kept in the graph), repeated G times for the completion pass. B = len(completions),
+    G = B / len(prompts). Returns logits (B, Lc, V), targets (B, Lc), mask (B, Lc), where
+    column k of row i predicts completion token k. Same values as the packed path, fewer FLOPs
+    when prompts are long or groups large (a compact V-IRL prompt is ~30x its answer)."""
+    group = len(completions) // len(prompts)
+    p_ids, p_mask = left_pad(prompts, pad_id, device)
+    out = model(p_ids, p_mask, (p_mask.cumsum(-1) - 1).clamp(min=0), None, use_cache=True, logits_to_keep=1)
+    cache, first = cache_of(out), out.logits[:, -1:].repeat_interleave(group, dim=0)  # predicts token 0
+    width = max(len(c) for c in completions)
+    targets = torch.full((len(completions), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(completions), width))
+    for i, c in enumerate(completions):
+        targets[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        mask[i, : len(c)] = 1.0
+    targets, mask = targets.to(device), mask.to(device)
+    if width == 1:
+        return first, targets, mask
+    cache.batch_repeat_interleave(group)
+    p_mask = p_mask.repeat_interleave(group, dim=0)
+    positions = p_mask.sum(-1, keepdim=True) + torch.arange(width - 1, device=device)
+    attention = torch.cat([p_mask, mask[:, :-1].long()], dim=-1)
+    rest = model(targets[:, :-1], attention, positions, cache, use_cache=True).logits
+    return torch.cat([first, rest], dim=1), targets, mask
+
+
 def sequence_logprobs(policy: Policy, prompts: list[list[int]], completions: list[list[int]],
-                      grad: bool = True, model: torch.nn.Module | None = None):
-    """Token log-probs (B, L−1), detached entropies (B, L−1) and the completion mask (B, L−1)."""
-    ids, attention, targets, mask = pack(prompts, completions, policy.tokenizer.pad_token_id, policy.device)
+                      grad: bool = True, model: torch.nn.Module | None = None, group_size: int = 1):
+    """Token log-probs, detached entropies and the completion mask, all (B, T) and aligned.
+    group_size > 1: rows come in groups sharing one prompt (GRPO), which then runs once per group."""
+    model = model or policy.model
     with torch.set_grad_enabled(grad), policy.compute():
-        logits = (model or policy.model)(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        if group_size > 1:
+            logits, targets, mask = shared_prompt_logits(model, prompts[::group_size], completions,
+                                                         policy.tokenizer.pad_token_id, policy.device)
+        else:
+            ids, attention, targets, mask = pack(prompts, completions, policy.tokenizer.pad_token_id, policy.device)
+            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
         logprobs = algo.token_logprobs(logits, targets)
     with torch.no_grad():
         entropy = algo.token_entropy(logits.detach())
@@ -93,18 +130,20 @@ ChunkLoss = Callable[[torch.Tensor, torch.Tensor, slice], tuple[torch.Tensor, di
 
 
 def grads_in_chunks(policy: Policy, prompts: list[list[int]], completions: list[list[int]],
-                    chunk_loss: ChunkLoss, micro_batch: int = 0) -> tuple[list[torch.Tensor], float, dict]:
+                    chunk_loss: ChunkLoss, micro_batch: int = 0,
+                    group_size: int = 1) -> tuple[list[torch.Tensor], float, dict]:
     """Gradients (one tensor per trainable parameter) of a batch loss computed micro_batch
     sequences at a time (0 = all at once). chunk_loss(logprobs, mask, rows) must normalise by
     whole-batch counts so the chunks add up to the batch loss (algo.aggregate's num_tokens).
     Returns (grads, loss value, stats: entropy = mean response-token entropy, plus chunk stats
     averaged by token count)."""
-    size = micro_batch or len(prompts)
+    size = max(group_size, (micro_batch or len(prompts)) // group_size * group_size)  # whole groups
     grads = [torch.zeros_like(p) for p in policy.params]
     loss_value, tokens, sums = 0.0, 0.0, {"entropy": 0.0}
     for start in range(0, len(prompts), size):
         rows = slice(start, start + size)
-        logprobs, entropy, mask = sequence_logprobs(policy, prompts[rows], completions[rows])
+        logprobs, entropy, mask = sequence_logprobs(policy, prompts[rows], completions[rows],
+                                                    group_size=group_size)
         loss, stats = chunk_loss(logprobs, mask, rows)
         for g, new in zip(grads, torch.autograd.grad(loss, policy.params, allow_unused=True)):
             if new is not None:

@@ -29,7 +29,7 @@ class Rollouts:
         return sum(len(c) for c in self.completion_ids)
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -39,7 +39,7 @@ def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple
     return ids.to(device), mask.to(device)
 
 
-def _cache_of(out):
+def cache_of(out):
     """The KV cache of a forward output (transformers 5 calls it `cache`, 4.x `past_key_values`)."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
@@ -65,10 +65,10 @@ def _generate_batch(model, prompt_ids: list[list[int]], n: int, *, pad_id: int, 
                     generator: torch.Generator | None) -> list[list[int]]:
     """Sample n continuations of each prompt; returns P·n token lists (eos kept)."""
     device = next(model.parameters()).device
-    ids, mask = _left_pad(prompt_ids, pad_id, device)
+    ids, mask = left_pad(prompt_ids, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(ids, mask, positions, None, use_cache=True, logits_to_keep=1)
-    cache = _cache_of(out)
+    cache = cache_of(out)
     logits = out.logits[:, -1]
     if n > 1:  # prefill once per prompt, then give each sample its own copy of the cache
         cache.batch_repeat_interleave(n)
@@ -91,7 +91,7 @@ def _generate_batch(model, prompt_ids: list[list[int]], n: int, *, pad_id: int, 
             break
         mask = torch.cat([mask, (~done).long().unsqueeze(-1)], dim=-1)
         out = model(nxt.unsqueeze(-1), mask, next_pos, cache, use_cache=True)
-        cache, logits, next_pos = _cache_of(out), out.logits[:, -1], next_pos + 1
+        cache, logits, next_pos = cache_of(out), out.logits[:, -1], next_pos + 1
     tokens, lengths = tokens.cpu(), lengths.cpu()
     return [tokens[i, : lengths[i]].tolist() for i in range(rows)]
 

@@ -102,13 +102,14 @@ def rl_signal(policy: Policy, cfg: Config, task, examples: list[dict], generator
         num_tokens = float(rollouts.num_tokens)
 
         def chunk_loss(logprobs, mask, rows):
-            ref = policy.ref_logprobs(prompts[rows], completions[rows]) if cfg.rl.kl_beta > 0 else None
+            ref = (policy.ref_logprobs(prompts[rows], completions[rows], cfg.rl.group_size)
+                   if cfg.rl.kl_beta > 0 else None)
             return algo.policy_loss(  # one update per batch: π_old = π_θ, log-probs computed once
                 logprobs, logprobs.detach(), advantages[rows].to(logprobs.device), mask, cfg.rl.clip_eps,
                 cfg.rl.clip_eps_high, cfg.rl.loss_agg, ref, cfg.rl.kl_beta, num_tokens, len(completions))
 
         grads, loss, chunk_stats = grads_in_chunks(policy, prompts, completions, chunk_loss,
-                                                   cfg.train.micro_batch_size)
+                                                   cfg.train.micro_batch_size, cfg.rl.group_size)
     rollout_s = timer.seconds.get("rollout", 0.0)
     stats = {
         "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),

@@ -57,3 +57,35 @@ def test_policy_loss_grads_do_not_depend_on_micro_batch(policy, agg):
     assert any(g.abs().sum() > 0 for g in full)
     for a, b in zip(full, chunked):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_shared_prompt_path_equals_the_packed_path(policy):
+    """GRPO groups run their prompt once; log-probs and entropies must match running each row whole."""
+    from amft_cli.policy import sequence_logprobs
+
+    prompts = [policy.prompt_ids(ex) for ex in _examples(3)]
+    gen = torch.Generator().manual_seed(0)
+    completions = [torch.randint(5, 40, (int(n),), generator=gen).tolist() + [policy.tokenizer.eos_token_id]
+                   for n in torch.randint(0, 6, (6,), generator=gen)]
+    rows = [p for p in prompts for _ in range(2)]
+    lp_packed, h_packed, m_packed = sequence_logprobs(policy, rows, completions, grad=False)
+    lp_group, h_group, m_group = sequence_logprobs(policy, rows, completions, grad=False, group_size=2)
+    assert torch.allclose(lp_packed[m_packed.bool()], lp_group[m_group.bool()], atol=1e-5)
+    assert torch.allclose(h_packed[m_packed.bool()], h_group[m_group.bool()], atol=1e-5)
+    assert m_group.sum() == sum(len(c) for c in completions)
+
+
+def test_shared_prompt_grads_equal_packed_grads_with_micro_batches(policy):
+    prompts = [policy.prompt_ids(ex) for ex in _examples(3) for _ in range(2)]
+    completions = [policy.demo_ids(ex)[1] for ex in _examples(6)]
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.3, -0.3])
+    num_tokens = float(sum(len(c) for c in completions))
+
+    def chunk_loss(lp, mask, rows):
+        return algo.policy_loss(lp, lp.detach(), adv[rows], mask, num_tokens=num_tokens, num_seqs=6)
+
+    packed, loss_packed, _ = grads_in_chunks(policy, prompts, completions, chunk_loss, 0, group_size=1)
+    grouped, loss_grouped, _ = grads_in_chunks(policy, prompts, completions, chunk_loss, 4, group_size=2)
+    assert loss_grouped == pytest.approx(loss_packed, rel=1e-5, abs=1e-7)
+    for a, b in zip(packed, grouped):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)

@@ -234,9 +234,9 @@ def versions() -> str:
 
 def print_table(rows: list[dict], trl: dict | None) -> None:
     """One line per row; with TRL, the ratio TRL s/step ÷ row s/step (>= 2: at most half of TRL's)."""
-    print(f"{'step':<30}{'s/step':>8}{'rollout':>9}{'compl/s':>9}{'tok/s':>8}" + (f"{'TRL/ours':>10}" if trl else ""))
+    print(f"{'step':<32}{'s/step':>8}{'rollout':>9}{'compl/s':>9}{'tok/s':>8}" + (f"{'TRL/ours':>10}" if trl else ""))
     for row in rows + ([trl] if trl else []):
-        line = (f"{row['label']:<30}{row['step_s']:>8.3f}{row['rollout_share']:>9.0%}"
+        line = (f"{row['label']:<32}{row['step_s']:>8.3f}{row['rollout_share']:>9.0%}"
                 f"{row['completions_per_s']:>9.0f}{row['tokens_per_s']:>8.0f}")
         print(line + (f"{trl['step_s'] / row['step_s']:>10.2f}" if trl else ""))
 
@@ -275,16 +275,18 @@ def main(argv: list[str] | None = None) -> None:
         for row in ours:
             row.step()
 
-    rounds, trl_records, trl_label = args.warmup + args.steps, None, "TRL GRPOTrainer"
-    if args.trl and trl_imports_here() and not args.trl_subprocess:
+    rounds, trl_records = args.warmup + args.steps, None
+    in_process = args.trl and not args.trl_subprocess and trl_imports_here()
+    if in_process:
         trl_records = []
         run_trl(rounds, lambda record: (trl_records.append(record), our_round()), args.trl_defaults)
     elif args.trl:
-        trl_records, trl_label = run_trl_subprocess(args, our_round), trl_label + " (subprocess)"
+        trl_records = run_trl_subprocess(args, our_round)
     while len(ours[0].records) < rounds:  # no TRL, or it failed part way (reason printed)
         our_round()
-    trl = summarize(trl_label + (" defaults" if args.trl_defaults else ""), trl_records, args.warmup) \
-        if trl_records else None
+    notes = ([] if in_process else ["subprocess"]) + (["TRL defaults"] if args.trl_defaults else [])
+    trl_label = "TRL GRPO" + (f" ({', '.join(notes)})" if notes else "")
+    trl = summarize(trl_label, trl_records, args.warmup) if trl_records else None
     print(f"\n{PROMPTS} prompts x {GROUP} completions, <= {MAX_NEW_TOKENS} new tokens, rl lr {RL_LR:g}; "
           f"median of {args.steps} interleaved rounds after {args.warmup} warm-up; {versions()}")
     print("rollout = share of the step generating the training completions; compl/s, tok/s = training "
@@ -293,4 +295,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # ConfigError / ModelError: e.g. data or model not prepared yet
+        sys.exit(f"bench_step: {e}")
