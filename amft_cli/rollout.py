@@ -56,7 +56,10 @@ def _sample(logits: torch.Tensor, greedy: bool, temperature: float, top_p: float
         keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the top token
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # inverse-CDF sampling: one uniform draw per row (torch.multinomial draws one per vocabulary entry)
+    cdf = probs.cumsum(-1)
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
 @torch.inference_mode()

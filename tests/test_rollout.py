@@ -1,0 +1,59 @@
+"""The lean sampler: same tokens as step-by-step decoding without a cache, right distribution."""
+
+import pytest
+import torch
+
+from amft_cli.config import ModelConfig
+from amft_cli.model import build_tiny_model, encode_prompt, load_policy
+from amft_cli.rollout import _sample, generate
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.set_num_threads(1)
+    mcfg = ModelConfig(path=str(tmp_path_factory.mktemp("m") / "model"), hidden_size=32, num_layers=2, num_heads=2)
+    build_tiny_model(mcfg, ["0123456789+*=,"], mcfg.path, seed=3)
+    return load_policy(mcfg, torch.device("cpu"), trainable=False)
+
+
+def _greedy_reference(model, ids: list[int], steps: int, eos: int) -> list[int]:
+    out, seq = [], torch.tensor([ids])
+    for _ in range(steps):
+        nxt = int(model(seq).logits[0, -1].argmax())
+        out.append(nxt)
+        if nxt == eos:
+            break
+        seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
+def test_batched_cached_greedy_equals_uncached_decoding(tiny):
+    model, tok = tiny
+    prompts = [encode_prompt(tok, p, False) for p in ["1+2*3=", "45+6*7=", "9=", "12+0*0="]]
+    out = generate(model, tok, prompts, n=2, max_new_tokens=10, greedy=True)
+    for i, ids in enumerate(prompts):
+        ref = _greedy_reference(model, ids, 10, tok.eos_token_id)
+        assert out.completion_ids[2 * i] == ref and out.completion_ids[2 * i + 1] == ref
+    assert len(out.texts) == 8 and out.prompt_ids[1] == prompts[0]
+
+
+def test_sampling_matches_the_distribution_and_top_p():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]])).repeat(100_000, 1)
+    freq = torch.bincount(_sample(logits, False, 1.0, 1.0, g), minlength=4) / 100_000
+    assert torch.allclose(freq, torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.01)
+    freq = torch.bincount(_sample(logits, False, 1.0, 0.5, g), minlength=4) / 100_000
+    assert torch.allclose(freq, torch.tensor([0.0, 0.0, 3 / 7, 4 / 7]), atol=0.01)
+    assert _sample(logits[:3], True, 1.0, 1.0, g).tolist() == [3, 3, 3]
+
+
+def test_seeded_sampling_is_reproducible_and_stops_at_eos(tiny):
+    model, tok = tiny
+    prompts = [encode_prompt(tok, "3+4*5=", False)]
+    a = generate(model, tok, prompts, n=6, max_new_tokens=12, generator=torch.Generator().manual_seed(1))
+    b = generate(model, tok, prompts, n=6, max_new_tokens=12, generator=torch.Generator().manual_seed(1))
+    assert a.completion_ids == b.completion_ids
+    for ids, done in zip(a.completion_ids, a.finished):
+        assert 1 <= len(ids) <= 12
+        assert tok.eos_token_id not in ids[:-1]  # nothing generated after eos
+        assert done == (ids[-1] == tok.eos_token_id)
