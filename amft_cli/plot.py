@@ -170,7 +170,7 @@ def curriculum(run_dir: Path, out: str | Path | None = None, fmt: str = "png") -
 # ---------------------------------------------------------------------------
 # amft plot compare
 
-COMPARE_PANELS = (("reward/mean", "reward (EMA)", True), ("policy/entropy", "entropy (EMA)", True),
+COMPARE_PANELS = (("reward/mean", "reward (EMA)", True), ("policy/entropy", "entropy (EMA)\ndashed: on demos", True),
                   ("balance/mu", "μ", False))
 
 
@@ -183,9 +183,12 @@ def compare_figure(run_dirs: list[Path]) -> Figure:
     for ax, (key, ylabel, smooth) in zip(axes, COMPARE_PANELS):
         for i, (label, recs) in enumerate(zip(labels, records)):
             steps, values = series(recs, key)
+            style = "-"
+            if not steps and key == "policy/entropy":  # no rollouts (sft): entropy on demonstrations
+                (steps, values), style = series(recs, "policy/entropy_demo"), "--"
             if steps:
                 ax.plot(steps, ema(values) if smooth else values, color=COLORS[i % len(COLORS)],
-                        linewidth=1.6, label=label)
+                        linewidth=1.6, linestyle=style, label=label)
         if not ax.lines:
             _not_logged(ax, key)
         ax.set_ylabel(ylabel)

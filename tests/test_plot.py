@@ -124,6 +124,18 @@ def test_compare_has_one_labelled_line_per_run_per_panel(tmp_path):
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["amft (seed 1)", "mix (seed 2)"]
 
 
+def test_compare_falls_back_to_demo_entropy_for_runs_without_rollouts(tmp_path):
+    sft = make_run(tmp_path, "s", "sft", 3, rewards=False)
+    lines = [json.loads(l) for l in (sft / "metrics.jsonl").read_text().splitlines()[:-1]]
+    for rec in lines:
+        rec["policy/entropy_demo"] = rec.pop("policy/entropy")
+    (sft / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    fig = compare_figure([make_run(tmp_path, "a", "amft", 1), sft])
+    entropy_ax = fig.axes[1]
+    assert [line.get_linestyle() for line in entropy_ax.lines] == ["-", "--"]
+    assert data(entropy_ax.lines[1])[1] == pytest.approx(ema([2.0 - 0.05 * s + (0.1 if s % 2 else 0) for s in STEPS]))
+
+
 def test_compare_labels_clash_gets_folder_names(tmp_path):
     runs = [make_run(tmp_path, "x", "rl", 0), make_run(tmp_path, "y", "rl", 0)]
     assert plot.run_labels(runs) == ["rl (seed 0) [x]", "rl (seed 0) [y]"]
