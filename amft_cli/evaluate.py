@@ -208,8 +208,8 @@ def load_split(data_dir: str | Path, split: str, limit: int = 0) -> list[dict]:
 
 def _check_model_path(model_path: str | Path) -> str:
     path = Path(model_path)
-    if path.exists() and not (path / "config.json").is_file():
-        raise EvalError(f"{model_path}: not a model folder (no config.json); "
+    if path.exists() and not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+        raise EvalError(f"{model_path}: not a model folder (no config.json or adapter_config.json); "
                         "pass a checkpoint folder, a run directory with --run, or a hub id")
     return str(model_path)
 

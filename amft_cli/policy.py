@@ -17,7 +17,7 @@ import torch
 from amft_cli import algo
 from amft_cli.config import Config
 from amft_cli.model import encode_completion, encode_prompt, load_policy, resolve_device
-from amft_cli.rollout import cache_of, left_pad
+from amft_cli.rollout import cache_of, forward, left_pad
 
 
 @dataclass
@@ -89,7 +89,7 @@ def shared_prompt_logits(model, prompts: list[list[int]], completions: list[list
     when prompts are long or groups large (a compact V-IRL prompt is ~30x its answer)."""
     group = len(completions) // len(prompts)
     p_ids, p_mask = left_pad(prompts, pad_id, device)
-    out = model(p_ids, p_mask, (p_mask.cumsum(-1) - 1).clamp(min=0), None, use_cache=True, logits_to_keep=1)
+    out = forward(model, p_ids, p_mask, (p_mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1)
     cache, first = cache_of(out), out.logits[:, -1:].repeat_interleave(group, dim=0)  # predicts token 0
     width = max(len(c) for c in completions)
     targets = torch.full((len(completions), width), pad_id, dtype=torch.long)
@@ -104,7 +104,7 @@ def shared_prompt_logits(model, prompts: list[list[int]], completions: list[list
     p_mask = p_mask.repeat_interleave(group, dim=0)
     positions = p_mask.sum(-1, keepdim=True) + torch.arange(width - 1, device=device)
     attention = torch.cat([p_mask, mask[:, :-1].long()], dim=-1)
-    rest = model(targets[:, :-1], attention, positions, cache, use_cache=True).logits
+    rest = forward(model, targets[:, :-1], attention, positions, cache).logits
     return torch.cat([first, rest], dim=1), targets, mask
 
 

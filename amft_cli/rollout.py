@@ -9,6 +9,8 @@ token ids; the trainer computes log-probs once, in its own forward.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -37,6 +39,19 @@ def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[
         ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
         mask[i, width - len(r):] = 1
     return ids.to(device), mask.to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(model_class: type) -> str:
+    """transformers 5 names the KV-cache argument `cache`, 4.x `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def forward(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache=None, **kw):
+    """model(...) with a KV cache, by keyword (peft wrappers reorder positional arguments)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                 **{_cache_kwarg(type(base)): cache}, **kw)
 
 
 def cache_of(out):
@@ -70,7 +85,7 @@ def _generate_batch(model, prompt_ids: list[list[int]], n: int, *, pad_id: int, 
     device = next(model.parameters()).device
     ids, mask = left_pad(prompt_ids, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(ids, mask, positions, None, use_cache=True, logits_to_keep=1)
+    out = forward(model, ids, mask, positions, logits_to_keep=1)
     cache = cache_of(out)
     logits = out.logits[:, -1]
     if n > 1:  # prefill once per prompt, then give each sample its own copy of the cache
@@ -93,7 +108,7 @@ def _generate_batch(model, prompt_ids: list[list[int]], n: int, *, pad_id: int, 
         if t + 1 == max_new_tokens or bool(done.all()):
             break
         mask = torch.cat([mask, (~done).long().unsqueeze(-1)], dim=-1)
-        out = model(nxt.unsqueeze(-1), mask, next_pos, cache, use_cache=True)
+        out = forward(model, nxt.unsqueeze(-1), mask, next_pos, cache)
         cache, logits, next_pos = cache_of(out), out.logits[:, -1], next_pos + 1
     tokens, lengths = tokens.cpu(), lengths.cpu()
     return [tokens[i, : lengths[i]].tolist() for i in range(rows)]
