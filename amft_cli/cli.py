@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
@@ -202,13 +203,24 @@ def plot_eval(runs: List[Path] = typer.Argument(..., help="Run directories with 
     console.print(f"wrote {plot.eval_table(runs, out=out, fmt=fmt)}")
 
 
+def _is_user_error(e: BaseException) -> bool:
+    """Our modules raise ValueError (ConfigError, ModelError, ...) only for user mistakes; one
+    raised inside torch or transformers is a bug to show in full (AMFT_DEBUG=1 shows every one)."""
+    if os.environ.get("AMFT_DEBUG") == "1":
+        return False
+    frames = traceback.extract_tb(e.__traceback__)
+    return isinstance(e, FileNotFoundError) or not frames or "amft_cli" in frames[-1].filename
+
+
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
     # ModelError, RunDirError, EvalError and PlotError are ValueErrors: importing their modules
     # here would load torch and transformers (~3 s) before every --help or one-line error.
     try:
         app()
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:
+        if not _is_user_error(e):
+            raise
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
