@@ -311,7 +311,7 @@ def to_toml(cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
-def field_help(section: type | None = None) -> dict[str, str]:
+def field_help() -> dict[str, str]:
     """key -> help text for every knob (used by `amft presets --keys` and docs)."""
     out = {}
     for name, cls in ([("", Config)] + list(SECTIONS.items())):

@@ -47,9 +47,12 @@ def prepare(cfg: Config, force: bool = False, log: Callable[[str], None] = print
     return sizes
 
 
-def load_split(cfg: Config, split: str) -> list[dict]:
-    """Examples of one split, or a one-line error saying how to create them."""
+def load_split(cfg: Config, split: str, limit: int = 0) -> list[dict]:
+    """Examples of one split (the first `limit` if > 0), or a one-line error saying how to create them."""
     path = split_path(cfg, split)
     if not path.is_file():
-        raise ConfigError(f"{path}: missing; run `amft prepare` with the same preset first")
-    return read_jsonl(path)
+        raise ConfigError(f"{path}: split {split!r} not found; run `amft prepare` with the same preset first")
+    examples = read_jsonl(path)
+    if not examples:
+        raise ConfigError(f"{path}: split {split!r} is empty")
+    return examples[:limit] if limit > 0 else examples

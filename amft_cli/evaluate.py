@@ -29,6 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from amft_cli.config import Config
+from amft_cli.data import load_split
 from amft_cli.tasks import get_task
 from amft_cli.tasks.base import read_jsonl, write_jsonl
 
@@ -192,16 +193,6 @@ def default_k(task, split: str, fallback: int) -> int:
     return int(spec.get("default_k") or fallback)
 
 
-def load_split(data_dir: str | Path, split: str, limit: int = 0) -> list[dict]:
-    path = Path(data_dir) / f"{split}.jsonl"
-    if not path.is_file():
-        raise EvalError(f"{path}: split {split!r} not found — run `amft prepare` with this preset first")
-    examples = read_jsonl(path)
-    if not examples:
-        raise EvalError(f"{path}: split {split!r} is empty")
-    return examples[:limit] if limit > 0 else examples
-
-
 # ---------------------------------------------------------------------------
 # the whole eval, with a model
 
@@ -215,24 +206,29 @@ def _check_model_path(model_path: str | Path) -> str:
 
 
 def _load_model(cfg: Config, model_path: str):
-    import torch
+    from amft_cli.model import load_policy
 
-    from amft_cli.model import ModelError, load_policy
-
-    device = cfg.model.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        return load_policy(dataclasses.replace(cfg.model, path=model_path), device, trainable=False)
-    except ModelError as e:
-        raise EvalError(str(e)) from None
+    return load_policy(dataclasses.replace(cfg.model, path=model_path), trainable=False)
 
 
-def _settings(cfg: Config, seed: int | None, **given) -> dict:
+def eval_settings(cfg: Config, seed: int | None, **given) -> dict:
     """The knobs actually used: flags given, else the config's [eval] section (and cfg.seed)."""
     resolved = {key: getattr(cfg.eval, key) if value is None else value for key, value in given.items()}
     resolved["seed"] = cfg.seed if seed is None else seed
     return resolved
+
+
+def generate_fn_for(model, tokenizer, cfg: Config, settings: dict,
+                    on_progress: Callable[[int], None] | None = None) -> GenerateFn:
+    """A generate_fn over a loaded model with the given eval settings (see eval_settings)."""
+    from amft_cli.rollout import sample_texts
+
+    def sample(prompts, n, greedy, chunk_seed):
+        return sample_texts(model, tokenizer, prompts, n, greedy=greedy, temperature=settings["temperature"],
+                            top_p=settings["top_p"], max_new_tokens=settings["max_new_tokens"],
+                            batch_size=settings["batch_size"], chat_template=cfg.model.chat_template,
+                            seed=chunk_seed)
+    return batched_generate(sample, settings["batch_size"], settings["seed"], on_progress)
 
 
 def run_eval(cfg: Config, model_path: str | Path, out_dir: str | Path, which: str = "id", k: int | None = None,
@@ -249,16 +245,10 @@ def run_eval(cfg: Config, model_path: str | Path, out_dir: str | Path, which: st
     splits = splits_for(task, which, cfg.task.data_dir)
     if not splits:
         raise EvalError(f"{cfg.task.data_dir}: no {which} eval sets of task {cfg.task.name} found — run `amft prepare`")
-    s = _settings(cfg, seed, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+    s = eval_settings(cfg, seed, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                   limit=limit, batch_size=batch_size)
-    data = {split: load_split(cfg.task.data_dir, split, s["limit"]) for split in splits}
+    data = {split: load_split(cfg, split, s["limit"]) for split in splits}
     model, tokenizer = _load_model(cfg, model_path)
-    from amft_cli.rollout import sample_texts
-
-    def sample(prompts, n, greedy, chunk_seed):
-        return sample_texts(model, tokenizer, prompts, n, greedy=greedy, temperature=s["temperature"],
-                            top_p=s["top_p"], max_new_tokens=s["max_new_tokens"], batch_size=s["batch_size"],
-                            chat_template=cfg.model.chat_template, seed=chunk_seed)
 
     out_dir = Path(out_dir)
     results = {}
@@ -268,8 +258,7 @@ def run_eval(cfg: Config, model_path: str | Path, out_dir: str | Path, which: st
             split_k = 0 if greedy_only else (k or default_k(task, split, cfg.eval.k))
             total = None if hasattr(task, "evaluate_episodes") else len(examples) * (split_k + 1)
             bar_id = bar.add_task(f"{split} ({len(examples)} examples, k={split_k})", total=total)
-            generate_fn = batched_generate(sample, s["batch_size"], s["seed"],
-                                           lambda n, b=bar_id: bar.advance(b, n))
+            generate_fn = generate_fn_for(model, tokenizer, cfg, s, lambda n, b=bar_id: bar.advance(b, n))
             metrics, rows = evaluate_split(task, examples, generate_fn, k=split_k)
             metrics["ood"] = is_ood(task, split)
             record = {"split": split, "task": cfg.task.name, "checkpoint": model_path,

@@ -353,16 +353,12 @@ def measure_entropy_target(policy: Policy, val_set: list[dict], batch: int = 64)
 
 def quick_eval(policy: Policy, cfg: Config, task) -> dict:
     """Greedy success on the first train.eval_limit unseen ID test examples (the headline number)."""
-    from amft_cli.evaluate import evaluate_split
-    from amft_cli.rollout import sample_texts
+    from amft_cli.evaluate import eval_settings, evaluate_split, generate_fn_for
 
-    def generate_fn(prompts: list[str], n: int, greedy: bool) -> list[list[str]]:
-        return sample_texts(policy.model, policy.tokenizer, prompts, n, greedy=greedy, temperature=1.0,
-                            top_p=1.0, max_new_tokens=cfg.rl.max_new_tokens, batch_size=cfg.eval.batch_size,
-                            chat_template=cfg.model.chat_template, seed=cfg.seed)
-
-    examples = load_split(cfg, "test")[: cfg.train.eval_limit]
+    examples = load_split(cfg, "test", cfg.train.eval_limit)
     policy.model.eval()
+    generate_fn = generate_fn_for(policy.model, policy.tokenizer, cfg, eval_settings(
+        cfg, None, temperature=None, top_p=None, max_new_tokens=None, limit=None, batch_size=None))
     metrics, _ = evaluate_split(task, examples, generate_fn, k=0)
     policy.model.train()
     label = "route success" if "route_success" in metrics else "greedy accuracy"

@@ -79,7 +79,8 @@ def test_aggregations_by_hand():
 def test_kl_k3_is_zero_at_reference_and_positive_elsewhere():
     lp = torch.tensor([[-1.0, -2.0]])
     assert torch.allclose(algo.kl_k3(lp, lp), torch.zeros(1, 2))
-    assert (algo.kl_k3(lp, lp + 0.3) > 0).all()
+    # KL(π‖π_ref) with r = log π_ref − log π = 0.3: e^0.3 − 1.3 (the swapped sign would give 0.0408)
+    assert torch.allclose(algo.kl_k3(lp, lp + 0.3), torch.full((1, 2), math.exp(0.3) - 1.3), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------

@@ -121,10 +121,10 @@ def test_live_mode_renders_the_step_counter_mu_and_losses():
         dash.message("warm-up done, H*=1.23")
     text = console.export_text()
     assert "step 5/5" in text and "100%" in text
-    assert "mu" in text and "0.750" in text  # the last mu: 0.8 - 5/100
+    assert "0.750" in text  # the last mu: 0.8 - 5/100
     assert "run demo" in text and "preset tiny-math" in text
     assert "12,345" in text and "warm-up done, H*=1.23" in text
-    assert sparkline([0.79, 0.78, 0.77, 0.76, 0.75], 60) in text  # mu's sparkline row
+    assert "█▆▅▃▁" in text  # mu's sparkline row for 0.79 .. 0.75
 
 
 def test_modules_do_not_import_torch():

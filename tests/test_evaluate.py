@@ -12,7 +12,7 @@ import pytest
 
 from amft_cli import evaluate
 from amft_cli.config import Config
-from amft_cli.evaluate import (EvalError, batched_generate, evaluate_split, load_split, pass_at_k, results_table,
+from amft_cli.evaluate import (EvalError, batched_generate, evaluate_split, pass_at_k, results_table,
                                splits_for, summarize, table_rows)
 from amft_cli.tasks.base import Score, read_jsonl, write_jsonl
 
@@ -184,12 +184,20 @@ def test_splits_for_eval_sets_uses_ood_flag_and_files_on_disk(tmp_path):
 
 
 def test_load_split_errors_name_the_file(tmp_path):
-    with pytest.raises(EvalError) as e:
-        load_split(tmp_path, "test")
+    from amft_cli.config import Config, ConfigError
+    from amft_cli.data import load_split
+
+    cfg = Config()
+    cfg.task.data_dir = str(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        load_split(cfg, "test")
     assert str(tmp_path / "test.jsonl") in str(e.value) and "amft prepare" in str(e.value)
     assert "\n" not in str(e.value)
+    (tmp_path / "test.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="empty"):
+        load_split(cfg, "test")
     write_jsonl(tmp_path / "test.jsonl", EXAMPLES)
-    assert [ex["id"] for ex in load_split(tmp_path, "test", limit=2)] == ["e1", "e2"]
+    assert [ex["id"] for ex in load_split(cfg, "test", limit=2)] == ["e1", "e2"]
 
 
 # ---------------------------------------------------------------------------
@@ -244,3 +252,32 @@ def test_results_table_formats_percentages_and_k():
     assert rows[1] == ["ood", "OOD", "2", "—", "—", "50.0%", "1.00", "50.0%"]
     table = results_table(results)
     assert [c.header for c in table.columns] == headers and table.row_count == 2
+
+
+def test_run_eval_with_a_real_tiny_model_agrees_with_its_samples_file(tmp_path):
+    """No fakes: a real (untrained) tiny model, the real sampler and the tiny-math verifier."""
+    from amft_cli.cli import resolve_config
+    from amft_cli.data import prepare
+    from amft_cli.tasks import tiny_math
+
+    cfg = resolve_config("tiny-math", [f"task.data_dir={tmp_path / 'data'}", f"model.path={tmp_path / 'model'}",
+                                       "task.train_size=50", "task.val_size=4", "task.test_size=6",
+                                       "task.ood_size=6", "model.hidden_size=32", "model.num_layers=1",
+                                       "eval.max_new_tokens=6"])
+    prepare(cfg, log=lambda msg: None)
+    results = evaluate.run_eval(cfg, cfg.model.path, tmp_path / "eval", which="all", k=3, progress=False)
+    assert list(results) == ["test", "ood"]
+    for split in ("test", "ood"):
+        rows = read_jsonl(tmp_path / "eval" / f"{split}.samples.jsonl")
+        sampled = [r for r in rows if r["mode"] == "sample"]
+        greedy = [r for r in rows if r["mode"] == "greedy"]
+        assert len(sampled) == 6 * 3 and len(greedy) == 6
+        assert all(len(r["completion"]) <= 6 for r in rows)  # char tokens: at most max_new_tokens chars
+        by_id = {ex["id"]: ex for ex in read_jsonl(tmp_path / "data" / f"{split}.jsonl")}
+        for r in rows:  # every recorded verdict is the verifier's verdict on that completion
+            score = tiny_math.score(by_id[r["id"]], r["completion"])
+            assert (r["status"], r["reward"]) == (score.status, score.reward)
+        assert results[split]["avg@k"] == pytest.approx(sum(r["status"] == "correct" for r in sampled) / 18)
+        assert results[split]["greedy_accuracy"] == pytest.approx(sum(r["status"] == "correct" for r in greedy) / 6)
+    again = evaluate.run_eval(cfg, cfg.model.path, tmp_path / "eval2", which="id", k=3, progress=False)
+    assert read_jsonl(tmp_path / "eval2" / "test.samples.jsonl") == read_jsonl(tmp_path / "eval" / "test.samples.jsonl")

@@ -3,7 +3,6 @@
 import json
 import shutil
 import socket
-import time
 
 import pytest
 import torch
@@ -170,12 +169,10 @@ def test_unknown_hub_id_fails_fast_without_network(monkeypatch):
         raise OSError("network disabled in tests")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    start = time.monotonic()
     with pytest.raises(ModelError, match=r"model.path 'amft-tests/no-such-model': not a local folder and not "
                                          r"in the Hugging Face cache.*--set model.path="):
         load_policy(ModelConfig(path="amft-tests/no-such-model"), torch.device("cpu"))
-    assert time.monotonic() - start < 10
-    assert attempts == []
+    assert attempts == []  # failed without touching the network
 
 
 def test_folder_without_config_is_not_a_model(tmp_path):

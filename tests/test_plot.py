@@ -111,6 +111,11 @@ def test_curriculum_on_a_folder_without_metrics_is_a_one_line_error(tmp_path):
 # compare
 
 
+def test_ema_by_hand():
+    assert ema([0.0, 3.0], span=2) == pytest.approx([0.0, 2.0])  # alpha = 2/3
+    assert ema([4.0, 1.0, 1.0], span=3) == pytest.approx([4.0, 2.5, 1.75])  # alpha = 1/2
+
+
 def test_compare_has_one_labelled_line_per_run_per_panel(tmp_path):
     runs = [make_run(tmp_path, "a", "amft", 1), make_run(tmp_path, "b", "mix", 2)]
     fig = compare_figure(runs)

@@ -37,7 +37,7 @@ def test_held_out_problems_never_in_train(splits):
     assert len(val) == 256 and len(test) == 500  # distinct
     assert not train & val and not train & test and not val & test
     # train cycles through every remaining problem (20000 > 9244)
-    assert len(train) == tm.N_PROBLEMS - 256 - 500
+    assert len(train) == 100 * 10 * 10 - 256 - 500 == 9244
 
 
 def test_deterministic_given_the_seed(splits):

@@ -180,8 +180,16 @@ def test_prompts_show_the_observation_at_the_walked_position(compact, full):
         state = re.search(r"P:(\d) D:(\w+) O:(\S+)", c["prompt"]).groups()
         assert state[1] == virl.COMPASS_CODE[heading]
         assert state[2] == (",".join(virl.LANDMARKS[n] for n, _ in seen) or "-")
-        turns = sum(a.startswith("turn_") for a in route["actions"][:t])
-        assert int(state[0]) == (2 * turns if turns else 1)
+        # P names the instruction in progress, read back against the gold action (ID codes are absolute)
+        instr = dict(tok.split(":", 1) if ":" in tok else (tok, "") for tok in
+                     (re.sub(r"^(\d+)([A-Z])", r"\1:\2", tok) for tok in c["prompt"].split("\n")[0].split()))
+        p, gold = int(state[0]), c["demonstration"]
+        if gold.startswith("T:"):  # the next instruction is this very turn
+            assert instr[str(p if t == 0 else p + 1)] == gold
+        elif gold == "F":  # still walking the leg P describes
+            assert p >= 2 and instr[str(p)].startswith("F:")
+        else:  # stop: P is the last leg, followed by the stop instruction
+            assert gold == "S" and instr[str(p + 1)] == "S"
         current = f["prompt"].split("Current observation: ")[1].split("\n")[0]
         assert f"facing {COMPASS[heading]}" in current
         assert all(n in current for n, _ in seen) and ("no landmark" in current) == (not seen)
