@@ -23,8 +23,6 @@ Where this departs from the AMFT paper and the authors' code:
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 # ---------------------------------------------------------------------------
@@ -81,19 +79,25 @@ def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor, num_tokens: float | Non
     return aggregate(-logprobs, mask, "token-mean", num_tokens)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
+def group_advantages(rewards: torch.Tensor, group: torch.Tensor | list[int], scale_by_std: bool = True,
                      eps: float = 1e-6) -> torch.Tensor:
     """GRPO advantages: reward minus its group mean, optionally over the group std.
 
-    rewards (N,) with N = prompts × group_size, groups contiguous -> (N,).
-    std is the unbiased sample std (as in TRL and verl). scale_by_std=False is Dr. GRPO.
-    A group whose rewards are all equal gets zero advantages: it carries no signal.
+    rewards (N,); group (N,) a group id per row (as verl's `index`: rows with the same id form
+    one group, wherever they sit) -> (N,). std is the unbiased sample std (as in TRL and verl).
+    scale_by_std=False is Dr. GRPO (and LUFFY). A group whose rewards are all equal gets zero
+    advantages: it carries no signal; so does a group of one row.
     """
-    groups = rewards.float().view(-1, group_size)
-    centred = groups - groups.mean(dim=1, keepdim=True)
+    rewards = rewards.float()
+    _, index = torch.unique(torch.as_tensor(group), return_inverse=True)
+    index = index.to(rewards.device)
+    count = torch.bincount(index).float()
+    mean = torch.zeros_like(count).index_add_(0, index, rewards) / count
+    centred = rewards - mean[index]
     if scale_by_std:
-        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
-    return centred.view(-1)
+        var = torch.zeros_like(count).index_add_(0, index, centred ** 2) / (count - 1).clamp(min=1)
+        centred = centred / (var.sqrt()[index] + eps)
+    return centred
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -130,23 +134,23 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 
 
 # ---------------------------------------------------------------------------
-# the μ controllers: which balance each --algo uses at a step
-
-MuSchedule = Callable[..., float]
-
-MU_SCHEDULES: dict[str, MuSchedule] = {
-    # (step, learned_mu, **params) -> μ used at this step; steps count from 0
-    "sft": lambda step, mu, **_: 1.0,
-    "rl": lambda step, mu, **_: 0.0,
-    "sft-rl": lambda step, mu, *, switch_step, **_: 1.0 if step < switch_step else 0.0,
-    "mix": lambda step, mu, *, mix_mu, **_: mix_mu,
-    "amft": lambda step, mu, *, warmup_steps, **_: 1.0 if step < warmup_steps else mu,
-}
+# the objective
 
 
-def mu_for_step(algo: str, step: int, learned_mu: float, **params: float) -> float:
-    """μ for `algo` at `step`. params: warmup_steps, switch_step, mix_mu (each schedule takes what it needs)."""
-    return MU_SCHEDULES[algo](step, learned_mu, **params)
+def objective(mu: float, loss_sft, loss_rl):
+    """L(θ; μ) = μ · L_SFT + (1 − μ) · L_RL (DESIGN §1), for floats or scalar tensors.
+
+    A signal whose weight is 0 need not be computed: pass None for it (μ = 1 needs no
+    rollouts, μ = 0 no demonstrations). A missing signal with a non-zero weight is an error.
+    """
+    total = 0.0
+    for weight, loss, name in ((mu, loss_sft, "L_SFT"), (1.0 - mu, loss_rl, "L_RL")):
+        if loss is None:
+            if weight != 0:
+                raise RuntimeError(f"objective: {name} is missing but weighs {weight}")
+            continue
+        total = total + weight * loss
+    return total
 
 
 # ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from amft_cli import methods
 from amft_cli.config import Config, ConfigError, apply_overrides, field_help, list_presets, load_preset, validate
 
 # transformers' per-shard "Loading weights" bars would tear through the live dashboard
@@ -40,7 +41,9 @@ def resolve_config(preset: str | None, overrides: list[str] | None, seed: int | 
     """Preset (or the embedded default) + shortcuts + --set overrides, validated."""
     cfg = load_preset(preset or DEFAULT_PRESET)
     shortcuts = [f"{k}={v}" for k, v in (("seed", seed), ("train.algo", algo), ("train.steps", steps)) if v is not None]
-    return validate(apply_overrides(cfg, shortcuts + list(overrides or [])))
+    cfg = validate(apply_overrides(cfg, shortcuts + list(overrides or [])))
+    methods.check(cfg.train.algo)
+    return cfg
 
 
 def preset_name(preset: str | None) -> str:
@@ -85,7 +88,8 @@ def prepare(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET
 
 @app.command()
 def train(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET, seed: Optional[int] = SEED,
-          algo: Optional[str] = typer.Option(None, "--algo", help="sft | rl | sft-rl | mix | amft (train.algo)."),
+          algo: Optional[str] = typer.Option(None, "--algo", help=f"{' | '.join(methods.names())} (train.algo; "
+                                             "each method's knobs are the config section of its name)."),
           steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (train.steps)."),
           run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/<preset>[-<algo>][-s<seed>])."),
           resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),

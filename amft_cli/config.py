@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-ALGOS = ("sft", "rl", "sft-rl", "mix", "amft")
-
 
 class ConfigError(ValueError):
     """A user mistake in a preset, a flag or an override; printed as one line."""
@@ -70,7 +68,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    algo: str = knob("amft", "How μ is set (DESIGN §2): sft (μ=1) | rl (GRPO, μ=0) | sft-rl | mix | amft (learned).")
+    algo: str = knob("amft", "The method (DESIGN §2): one module of amft_cli/methods/, which sets μ and shapes "
+                     "the two batches; its knobs are in the config section of the same name.")
     steps: int = knob(500, "Optimizer steps. The AMFT authors train 500.")
     sft_batch_size: int = knob(64, "Demonstrations per step for the SFT loss.")
     prompts_per_step: int = knob(32, "Prompts per step for the RL loss; each gets rl.group_size rollouts.")
@@ -88,8 +87,6 @@ class TrainConfig:
     lr_schedule: str = knob("constant", "constant (the paper) | cosine: decay to lr_min_ratio·lr by the last step; "
                             "a from-scratch model trained at 1e-3 needs the decay to settle.")
     lr_min_ratio: float = knob(0.1, "cosine only: final learning rate as a fraction of the initial one.")
-    sft_rl_switch: int = knob(100, "sft-rl only: steps of SFT before switching to pure RL.")
-    mix_mu: float = knob(0.5, "mix only: the constant μ.")
     log_every: int = knob(10, "Plain log line every N steps off a terminal (metrics.jsonl gets every step).")
     save_every: int = knob(100, "Checkpoint every N steps (and at the end, and on Ctrl-C).")
     keep_checkpoints: int = knob(2, "How many step-N checkpoints to keep.")
@@ -110,6 +107,16 @@ class RLConfig:
     loss_agg: str = knob("token-mean", "Loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum.")
     backend: str = knob("hf", "Rollout engine: hf (batched, KV cache; any device) | vllm (GPU, optional extra).")
     vllm_gpu_memory: float = knob(0.4, "vllm only: fraction of GPU memory vLLM may take.")
+
+
+@dataclass
+class SFTRLConfig:
+    switch_step: int = knob(100, "Steps of pure SFT before switching to pure RL (the two-stage pipeline).")
+
+
+@dataclass
+class MixConfig:
+    mu: float = knob(0.5, "The constant μ of a fixed single-stage mix.")
 
 
 @dataclass
@@ -144,12 +151,15 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    sft_rl: SFTRLConfig = field(default_factory=SFTRLConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
     amft: AMFTConfig = field(default_factory=AMFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-SECTIONS = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig,
-            "rl": RLConfig, "amft": AMFTConfig, "eval": EvalConfig}
+# one section per method that has knobs, named as its module in amft_cli/methods/
+SECTIONS = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig, "rl": RLConfig,
+            "sft_rl": SFTRLConfig, "mix": MixConfig, "amft": AMFTConfig, "eval": EvalConfig}
 
 
 # ---------------------------------------------------------------------------
@@ -159,13 +169,13 @@ SECTIONS = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig,
 def validate(cfg: Config) -> Config:
     """Reject values that would make a run meaningless; messages name the key."""
     checks = [
-        (cfg.train.algo in ALGOS, "train.algo", f"one of {', '.join(ALGOS)}"),
         (cfg.task.name in ("tiny-math", "gp", "virl", "math"), "task.name", "tiny-math, gp, virl or math"),
         (cfg.task.format in ("compact", "full"), "task.format", "compact or full"),
         (cfg.train.steps >= 1, "train.steps", "an integer >= 1"),
         (cfg.train.lr > 0, "train.lr", "a positive float"),
         (cfg.train.rl_lr >= 0, "train.rl_lr", "0 (shared optimizer) or a positive float"),
-        (0 <= cfg.train.mix_mu <= 1, "train.mix_mu", "a float in [0, 1]"),
+        (0 <= cfg.mix.mu <= 1, "mix.mu", "a float in [0, 1]"),
+        (cfg.sft_rl.switch_step >= 0, "sft_rl.switch_step", "an integer >= 0"),
         (cfg.train.lr_schedule in ("constant", "cosine"), "train.lr_schedule", "constant or cosine"),
         (cfg.rl.group_size >= 2, "rl.group_size", "an integer >= 2 (group-normalised advantages)"),
         (cfg.rl.backend in ("hf", "vllm"), "rl.backend", "hf or vllm"),

@@ -148,9 +148,10 @@ def curriculum_figure(run_dir: Path) -> Figure:
         ax.set_ylabel(f"{what} (rollouts)")
     axes[2].set_ylim(-0.02, 1.02)
     _entropy_panel(axes[3], records)
-    if cfg.train.algo == "amft" and cfg.amft.warmup_steps > 0:
+    warmup = [r["step"] for r in records if r.get("balance/warmup")]  # logged by methods with a warm-up
+    if warmup:
         for i, ax in enumerate(axes):
-            ax.axvspan(0, cfg.amft.warmup_steps, color="gold", alpha=0.15,
+            ax.axvspan(0, max(warmup), color="gold", alpha=0.15,
                        label="warm-up (pure SFT)" if i == 0 else None)
     for ax, title in zip(axes, ("Balance μ", "Verifier reward", "Accuracy", "Policy entropy")):
         ax.set_title(title, loc="left", fontsize=10)

@@ -49,9 +49,9 @@ class Policy:
 
     @torch.no_grad()
     def ref_logprobs(self, prompts: list[list[int]], completions: list[list[int]],
-                     group_size: int = 1) -> torch.Tensor:
+                     group: list[int] | None = None) -> torch.Tensor:
         logprobs, _, _ = sequence_logprobs(self, prompts, completions, grad=False, model=self.reference,
-                                           group_size=group_size)
+                                           group=group)
         return logprobs
 
     def compute(self):
@@ -80,17 +80,32 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int, de
     return ids.to(device), attention.to(device), ids[:, 1:].to(device), mask.to(device)
 
 
-def shared_prompt_logits(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
-                         device: torch.device):
-    """Logits for G completions per prompt with each prompt run ONCE: the prompt pass builds a KV
-    cache (kept in the graph), repeated G times for the completion pass. B = len(completions),
-    G = B / len(prompts). Returns logits (B, Lc, V), targets (B, Lc), mask (B, Lc), where
-    column k of row i predicts completion token k. Same values as the packed path, fewer FLOPs
-    when prompts are long or groups large (a compact V-IRL prompt is ~30x its answer)."""
-    group = len(completions) // len(prompts)
+def group_runs(group: list[int]) -> list[int]:
+    """Sizes of the runs of equal group ids, in order: [7, 7, 3, 3, 3] -> [2, 3]."""
+    runs: list[int] = []
+    for i, g in enumerate(group):
+        if i and g == group[i - 1]:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+    return runs
+
+
+def shared_prompt_logits(model, prompts: list[list[int]], completions: list[list[int]], sizes: list[int],
+                         pad_id: int, device: torch.device):
+    """Logits for groups of completions that share a prompt, each prompt run ONCE: the prompt pass
+    builds a KV cache (kept in the graph), repeated per group row for the completion pass.
+    prompts: one per group; sizes: rows per group (sum = B = len(completions)). Returns logits
+    (B, Lc, V), targets (B, Lc), mask (B, Lc), where column k of row i predicts completion token k.
+    Same values as the packed path, fewer FLOPs when prompts are long or groups large (a compact
+    V-IRL prompt is ~30x its answer)."""
     p_ids, p_mask = left_pad(prompts, pad_id, device)
     out = forward(model, p_ids, p_mask, (p_mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1)
-    cache, first = cache_of(out), out.logits[:, -1:].repeat_interleave(group, dim=0)  # predicts token 0
+    uniform = len(set(sizes)) == 1
+    rows = sizes[0] if uniform else torch.repeat_interleave(torch.arange(len(sizes), device=device),
+                                                             torch.tensor(sizes, device=device))
+    cache, first = cache_of(out), out.logits[:, -1:]  # predicts token 0
+    first = first.repeat_interleave(rows, dim=0) if uniform else first[rows]
     width = max(len(c) for c in completions)
     targets = torch.full((len(completions), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(completions), width))
@@ -100,8 +115,12 @@ def shared_prompt_logits(model, prompts: list[list[int]], completions: list[list
     targets, mask = targets.to(device), mask.to(device)
     if width == 1:
         return first, targets, mask
-    cache.batch_repeat_interleave(group)
-    p_mask = p_mask.repeat_interleave(group, dim=0)
+    if uniform:
+        cache.batch_repeat_interleave(rows)
+        p_mask = p_mask.repeat_interleave(rows, dim=0)
+    else:
+        cache.batch_select_indices(rows)
+        p_mask = p_mask[rows]
     positions = p_mask.sum(-1, keepdim=True) + torch.arange(width - 1, device=device)
     attention = torch.cat([p_mask, mask[:, :-1].long()], dim=-1)
     rest = forward(model, targets[:, :-1], attention, positions, cache).logits
@@ -109,13 +128,17 @@ def shared_prompt_logits(model, prompts: list[list[int]], completions: list[list
 
 
 def sequence_logprobs(policy: Policy, prompts: list[list[int]], completions: list[list[int]],
-                      grad: bool = True, model: torch.nn.Module | None = None, group_size: int = 1):
+                      grad: bool = True, model: torch.nn.Module | None = None,
+                      group: list[int] | None = None):
     """Token log-probs, detached entropies and the completion mask, all (B, T) and aligned.
-    group_size > 1: rows come in groups sharing one prompt (GRPO), which then runs once per group."""
+    group: a group id per row (rows of a group share one prompt and are contiguous, as in
+    Rollouts.group); each group's prompt then runs once. None: every row is packed whole."""
     model = model or policy.model
     with torch.set_grad_enabled(grad), policy.compute():
-        if group_size > 1:
-            logits, targets, mask = shared_prompt_logits(model, prompts[::group_size], completions,
+        if group is not None:
+            sizes = group_runs(group)
+            starts = [sum(sizes[:k]) for k in range(len(sizes))]
+            logits, targets, mask = shared_prompt_logits(model, [prompts[s] for s in starts], completions, sizes,
                                                          policy.tokenizer.pad_token_id, policy.device)
         else:
             ids, attention, targets, mask = pack(prompts, completions, policy.tokenizer.pad_token_id, policy.device)
@@ -129,21 +152,36 @@ def sequence_logprobs(policy: Policy, prompts: list[list[int]], completions: lis
 ChunkLoss = Callable[[torch.Tensor, torch.Tensor, slice], tuple[torch.Tensor, dict]]
 
 
+def chunk_rows(group: list[int] | None, rows: int, micro_batch: int) -> list[slice]:
+    """Row slices of at most micro_batch rows (0 = all at once) that never split a group; a
+    group larger than micro_batch is one chunk. group None: every row is its own group."""
+    sizes = group_runs(group) if group is not None else [1] * rows
+    limit = micro_batch or rows
+    chunks, start, size = [], 0, 0
+    for n in sizes:
+        if size and size + n > limit:
+            chunks.append(slice(start, start + size))
+            start, size = start + size, 0
+        size += n
+    if size:
+        chunks.append(slice(start, start + size))
+    return chunks
+
+
 def grads_in_chunks(policy: Policy, prompts: list[list[int]], completions: list[list[int]],
                     chunk_loss: ChunkLoss, micro_batch: int = 0,
-                    group_size: int = 1) -> tuple[list[torch.Tensor], float, dict]:
+                    group: list[int] | None = None) -> tuple[list[torch.Tensor], float, dict]:
     """Gradients (one tensor per trainable parameter) of a batch loss computed micro_batch
-    sequences at a time (0 = all at once). chunk_loss(logprobs, mask, rows) must normalise by
-    whole-batch counts so the chunks add up to the batch loss (algo.aggregate's num_tokens).
+    sequences at a time (0 = all at once; groups are never split). chunk_loss(logprobs, mask,
+    rows) must normalise by whole-batch counts so the chunks add up to the batch loss
+    (algo.aggregate's num_tokens). group: per-row group ids for the shared-prompt forward.
     Returns (grads, loss value, stats: entropy = mean response-token entropy, plus chunk stats
     averaged by token count)."""
-    size = max(group_size, (micro_batch or len(prompts)) // group_size * group_size)  # whole groups
     grads = [torch.zeros_like(p) for p in policy.params]
     loss_value, tokens, sums = 0.0, 0.0, {"entropy": 0.0}
-    for start in range(0, len(prompts), size):
-        rows = slice(start, start + size)
+    for rows in chunk_rows(group, len(prompts), micro_batch):
         logprobs, entropy, mask = sequence_logprobs(policy, prompts[rows], completions[rows],
-                                                    group_size=group_size)
+                                                    group=group[rows] if group is not None else None)
         loss, stats = chunk_loss(logprobs, mask, rows)
         for g, new in zip(grads, torch.autograd.grad(loss, policy.params, allow_unused=True)):
             if new is not None:
@@ -156,19 +194,29 @@ def grads_in_chunks(policy: Policy, prompts: list[list[int]], completions: list[
     return grads, loss_value, {k: v / max(tokens, 1.0) for k, v in sums.items()}
 
 
-def sft_grads(policy: Policy, examples: list[dict], micro_batch: int = 0) -> tuple[list, float, float]:
-    """∇ of the token-mean SFT NLL of the examples' demonstrations; also the loss and mean entropy."""
+SFTLoss = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, dict]]
+
+
+def plain_nll(logprobs: torch.Tensor, mask: torch.Tensor, num_tokens: float) -> tuple[torch.Tensor, dict]:
+    return algo.sft_loss(logprobs, mask, num_tokens), {}
+
+
+def sft_grads(policy: Policy, examples: list[dict], micro_batch: int = 0,
+              loss: SFTLoss = plain_nll) -> tuple[list, float, float]:
+    """∇ of an SFT loss on the examples' demonstrations (default: token-mean NLL); also the loss
+    and the mean entropy. loss(logprobs, mask, num_tokens) gets the whole batch's token count."""
     pairs = [policy.demo_ids(ex) for ex in examples]
     completions = [c for _, c in pairs]
     num_tokens = float(sum(len(c) for c in completions))
-    grads, loss, stats = grads_in_chunks(
+    grads, value, stats = grads_in_chunks(
         policy, [p for p, _ in pairs], completions,
-        lambda lp, mask, rows: (algo.sft_loss(lp, mask, num_tokens), {}), micro_batch)
-    return grads, loss, stats["entropy"]
+        lambda lp, mask, rows: loss(lp, mask, num_tokens), micro_batch)
+    return grads, value, stats["entropy"]
 
 
-def load_for_training(cfg: Config, checkpoint: Path | None = None) -> Policy:
-    """The trainable policy (from a checkpoint when resuming), its rollout engine and reference."""
+def load_for_training(cfg: Config, checkpoint: Path | None = None, rollouts: bool = True) -> Policy:
+    """The trainable policy (from a checkpoint when resuming), its rollout engine (only if the
+    method samples rollouts) and reference."""
     device = resolve_device(cfg.model.device)
     mcfg = replace(cfg.model, path=str(checkpoint)) if checkpoint is not None else cfg.model
     autocast = None
@@ -182,7 +230,7 @@ def load_for_training(cfg: Config, checkpoint: Path | None = None) -> Policy:
         reference, _ = load_policy(replace(cfg.model, lora_rank=0), device, trainable=False)
         reference.eval().requires_grad_(False)
     engine = None
-    if cfg.rl.backend == "vllm" and cfg.train.algo != "sft":
+    if cfg.rl.backend == "vllm" and rollouts:
         from amft_cli.rollout import VLLMEngine
 
         engine = VLLMEngine(mcfg.path, cfg.model.dtype, cfg.rl.vllm_gpu_memory, cfg.seed,

@@ -12,19 +12,34 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass
 class Rollouts:
-    """n completions for each of P prompts, grouped contiguously (P·n rows)."""
+    """Completions in groups: the rows of one group share a prompt and sit next to each other.
 
-    prompt_ids: list[list[int]]      # P·n rows (each prompt repeated n times)
-    completion_ids: list[list[int]]  # P·n rows, eos included when it was sampled
+    The layout is data (as verl's per-row `index`), never re-derived from counts: a method may
+    add rows that were not sampled from the policy (LUFFY puts a demonstration in each group).
+    """
+
+    prompt_ids: list[list[int]]      # one row per completion (a group's prompt repeated)
+    completion_ids: list[list[int]]  # eos included when it was sampled
     texts: list[str]                 # decoded completions, special tokens removed
     finished: list[bool]             # ended with eos (False: hit max_new_tokens)
+    group: list[int] = field(default_factory=list)       # group id per row; equal ids are contiguous
+    off_policy: list[bool] = field(default_factory=list)  # row not sampled from the current policy
+    # per-token log-probs of the policy that produced each row, where known (None: the current
+    # policy, detached, as with one update per rollout batch)
+    behaviour_logprobs: list[list[float] | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        rows = len(self.completion_ids)
+        self.group = self.group or list(range(rows))
+        self.off_policy = self.off_policy or [False] * rows
+        self.behaviour_logprobs = self.behaviour_logprobs or [None] * rows
 
     @property
     def num_tokens(self) -> int:
@@ -136,6 +151,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], n: int = 1, *, max_n
         completion_ids=completions,
         texts=tokenizer.batch_decode(completions, skip_special_tokens=True),
         finished=[len(c) > 0 and c[-1] == eos for c in completions],
+        group=[i for i in range(len(prompt_ids)) for _ in range(n)],
     )
 
 

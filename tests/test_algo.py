@@ -32,12 +32,35 @@ def test_sft_loss_is_token_mean_nll_over_mask():
 
 def test_group_advantages_by_hand():
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 5.0, 5.0, 5.0, 5.0])
-    adv = algo.group_advantages(rewards, group_size=4)
+    groups = [0, 0, 0, 0, 1, 1, 1, 1]
+    adv = algo.group_advantages(rewards, groups)
     std = math.sqrt(4 * 0.25 / 3)  # unbiased std of [1, 0, 0, 1]
     expected = [0.5 / std, -0.5 / std, -0.5 / std, 0.5 / std, 0, 0, 0, 0]
     assert torch.allclose(adv, torch.tensor(expected), atol=1e-5)
-    dr = algo.group_advantages(rewards, group_size=4, scale_by_std=False)
+    dr = algo.group_advantages(rewards, groups, scale_by_std=False)
     assert torch.allclose(dr, torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
+
+
+def test_group_advantages_read_groups_from_ids_not_counts():
+    # groups of unequal size, ids not sorted: {3: [2, 4, 0]} mean 2, {9: [1, 3]} mean 2, {5: [7]} alone
+    rewards = torch.tensor([2.0, 1.0, 4.0, 3.0, 0.0, 7.0])
+    groups = [3, 9, 3, 9, 3, 5]
+    dr = algo.group_advantages(rewards, groups, scale_by_std=False)
+    assert torch.allclose(dr, torch.tensor([0.0, -1.0, 2.0, 1.0, -2.0, 0.0]))
+    adv = algo.group_advantages(rewards, groups)  # stds: 2 and sqrt(2); a lone row has no signal
+    assert torch.allclose(adv, torch.tensor([0.0, -1 / math.sqrt(2), 1.0, 1 / math.sqrt(2), -1.0, 0.0]), atol=1e-5)
+
+
+def test_objective_by_hand():
+    assert algo.objective(0.3, 2.0, 5.0) == pytest.approx(0.3 * 2.0 + 0.7 * 5.0)  # 4.1
+    assert algo.objective(1.0, 2.0, None) == 2.0  # μ = 1: no rollouts needed
+    assert algo.objective(0.0, None, 5.0) == 5.0  # μ = 0: no demonstrations needed
+    with pytest.raises(RuntimeError, match="L_RL"):
+        algo.objective(0.5, 2.0, None)
+    theta = torch.tensor([1.0, -2.0], requires_grad=True)
+    loss_sft, loss_rl = (theta ** 2).sum(), 3.0 * theta[0]  # gradients [2, -4] and [3, 0]
+    algo.objective(0.25, loss_sft, loss_rl).backward()
+    assert theta.grad.tolist() == pytest.approx([0.25 * 2 + 0.75 * 3, 0.25 * -4])
 
 
 def test_policy_loss_clip_by_hand():
@@ -85,15 +108,6 @@ def test_kl_k3_is_zero_at_reference_and_positive_elsewhere():
 
 # ---------------------------------------------------------------------------
 # controllers
-
-
-def test_mu_schedules():
-    p = dict(warmup_steps=5, switch_step=3, mix_mu=0.3)
-    assert algo.mu_for_step("sft", 9, 0.5, **p) == 1.0
-    assert algo.mu_for_step("rl", 0, 0.5, **p) == 0.0
-    assert [algo.mu_for_step("sft-rl", s, 0.5, **p) for s in (0, 2, 3, 9)] == [1.0, 1.0, 0.0, 0.0]
-    assert algo.mu_for_step("mix", 7, 0.5, **p) == 0.3
-    assert [algo.mu_for_step("amft", s, 0.42, **p) for s in (0, 4, 5)] == [1.0, 1.0, 0.42]
 
 
 def test_entropy_term_pushes_mu_up_when_entropy_below_target():

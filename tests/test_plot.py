@@ -32,6 +32,7 @@ def make_run(root, name, algo="amft", seed=1, rewards=True):
         rec = {"step": step, "time": 0.0, "loss/sft": 1.0 / step, "balance/mu": mu_at(step),
                "balance/meta_update": 1.0 if step in (10, 20) else 0.0,
                "balance/entropy_target": None if step < WARMUP else 1.5,
+               **({"balance/warmup": float(step <= WARMUP)} if algo == "amft" else {}),
                "policy/entropy": 2.0 - 0.05 * step + (0.1 if step % 2 else 0.0)}
         if rewards and step > WARMUP:  # no rollouts during warm-up
             rec["reward/mean"] = (-1.0) ** step * 0.5 + 0.1 * step

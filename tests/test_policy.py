@@ -69,10 +69,25 @@ def test_shared_prompt_path_equals_the_packed_path(policy):
                    for n in torch.randint(0, 6, (6,), generator=gen)]
     rows = [p for p in prompts for _ in range(2)]
     lp_packed, h_packed, m_packed = sequence_logprobs(policy, rows, completions, grad=False)
-    lp_group, h_group, m_group = sequence_logprobs(policy, rows, completions, grad=False, group_size=2)
+    lp_group, h_group, m_group = sequence_logprobs(policy, rows, completions, grad=False, group=[0, 0, 1, 1, 2, 2])
     assert torch.allclose(lp_packed[m_packed.bool()], lp_group[m_group.bool()], atol=1e-5)
     assert torch.allclose(h_packed[m_packed.bool()], h_group[m_group.bool()], atol=1e-5)
     assert m_group.sum() == sum(len(c) for c in completions)
+    # groups of unequal size (a method may add rows to a group): read from the ids, not from counts
+    rows = [prompts[0]] * 3 + [prompts[1]] + [prompts[2]] * 2
+    lp_packed, _, m_packed = sequence_logprobs(policy, rows, completions, grad=False)
+    lp_group, _, m_group = sequence_logprobs(policy, rows, completions, grad=False, group=[4, 4, 4, 0, 7, 7])
+    assert torch.allclose(lp_packed[m_packed.bool()], lp_group[m_group.bool()], atol=1e-5)
+
+
+def test_chunks_never_split_a_group():
+    from amft_cli.policy import chunk_rows, group_runs
+
+    assert group_runs([7, 7, 3, 3, 3, 7]) == [2, 3, 1]
+    assert chunk_rows([0, 0, 1, 1, 1, 2], 6, micro_batch=4) == [slice(0, 2), slice(2, 6)]
+    assert chunk_rows([0, 0, 0, 0, 0, 1], 6, micro_batch=2) == [slice(0, 5), slice(5, 6)]  # one group > micro-batch
+    assert chunk_rows(None, 5, micro_batch=2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert chunk_rows([0, 0, 1, 1], 4, micro_batch=0) == [slice(0, 4)]
 
 
 def test_shared_prompt_grads_equal_packed_grads_with_micro_batches(policy):
@@ -84,8 +99,8 @@ def test_shared_prompt_grads_equal_packed_grads_with_micro_batches(policy):
     def chunk_loss(lp, mask, rows):
         return algo.policy_loss(lp, lp.detach(), adv[rows], mask, num_tokens=num_tokens, num_seqs=6)
 
-    packed, loss_packed, _ = grads_in_chunks(policy, prompts, completions, chunk_loss, 0, group_size=1)
-    grouped, loss_grouped, _ = grads_in_chunks(policy, prompts, completions, chunk_loss, 4, group_size=2)
+    packed, loss_packed, _ = grads_in_chunks(policy, prompts, completions, chunk_loss, 0)
+    grouped, loss_grouped, _ = grads_in_chunks(policy, prompts, completions, chunk_loss, 4, group=[0, 0, 1, 1, 2, 2])
     assert loss_grouped == pytest.approx(loss_packed, rel=1e-5, abs=1e-7)
     for a, b in zip(packed, grouped):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)

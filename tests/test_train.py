@@ -106,13 +106,13 @@ def test_rl_has_no_demonstrations_and_mu_zero(tmp_path, data_dir):
 
 
 def test_sft_rl_switches_at_the_configured_step(tmp_path, data_dir):
-    records = run_algo(tmp_path, data_dir, "sft-rl", "train.sft_rl_switch=5")
+    records = run_algo(tmp_path, data_dir, "sft-rl", "sft_rl.switch_step=5")
     assert [r["balance/mu"] for r in records] == [1.0] * 5 + [0.0] * 7
     assert all(("loss/rl" in r) == (r["step"] > 5) and ("loss/sft" in r) == (r["step"] <= 5) for r in records)
 
 
 def test_mix_keeps_mu_constant(tmp_path, data_dir):
-    records = run_algo(tmp_path, data_dir, "mix", "train.mix_mu=0.3")
+    records = run_algo(tmp_path, data_dir, "mix", "mix.mu=0.3")
     assert all(r["balance/mu"] == 0.3 for r in records)
     assert all("loss/sft" in r and "loss/rl" in r for r in records)  # both signals every step
 

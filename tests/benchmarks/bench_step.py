@@ -78,34 +78,21 @@ class OursRow:
     """One configuration of our trainer on a fresh policy, stepped one train_step at a time."""
 
     def __init__(self, label: str, algo: str, meta_every: int) -> None:
-        import torch
-
         from amft_cli import train
-        from amft_cli.data import load_split
-        from amft_cli.policy import load_for_training
-        from amft_cli.tasks import get_task
 
         self.label, self.algo, self.meta_every, self.train = label, algo, meta_every, train
-        self.cfg = cfg = bench_config(algo, meta_every)
-        torch.manual_seed(cfg.seed)
-        self.task = get_task(cfg.task.name)
-        self.train_set, self.val_set = load_split(cfg, "train"), load_split(cfg, "val")
-        self.policy = load_for_training(cfg)
-        self.optimizers = train.make_optimizers(self.policy, cfg)
-        self.generator = torch.Generator(device=self.policy.device).manual_seed(cfg.seed)
-        self.control, self.cursors = train.ControllerState(mu=cfg.amft.mu_init), train.Cursors()
+        self.cfg = bench_config(algo, meta_every)
+        self.run, self.method, self.optimizers = train.setup(self.cfg, on_message=lambda msg: None)
         self.records: list[dict] = []
 
     def step(self) -> None:
         """One timed train_step (amft's step 0 also measures H*: a warm-up round drops it)."""
         started = time.perf_counter()
-        metrics = self.train.train_step(self.policy, self.cfg, self.task, self.train_set, self.val_set,
-                                        self.optimizers, self.control, self.cursors, self.generator, None,
-                                        lambda msg: None)
+        metrics = self.train.train_step(self.run, self.method, self.optimizers)
         elapsed = time.perf_counter() - started
-        if self.algo == "amft" and self.cursors.step > 0:  # the row times the step it names
+        if self.algo == "amft" and self.run.cursors.step > 0:  # the row times the step it names
             assert metrics["balance/meta_update"] == float(self.meta_every == 1)
-        self.cursors.step += 1
+        self.run.cursors.step += 1
         self.records.append({"s": elapsed, "rollout_s": metrics["time/rollout_s"],
                              "tokens": metrics["rollout/len_mean"] * PROMPTS * GROUP})
 

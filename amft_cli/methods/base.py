@@ -1,0 +1,86 @@
+"""What a method can change, as hooks the loop calls in this order every step:
+
+    mu(step)                                  the balance μ of L = μ·L_SFT + (1−μ)·L_RL
+    samples_per_prompt()                      rollouts sampled per prompt        ┐ only when
+    shape_rollouts(run, rollouts, examples)   e.g. add off-policy rows to groups │ μ < 1
+    observe(run, examples, rollouts, ...)     see the scored groups (buffers)    │
+    advantages(rewards, rollouts)             per-row advantages                 │
+    rl_loss(logprobs, mask, batch, rows, ref) the RL loss of a micro-batch       ┘
+    sft_loss(logprobs, mask, num_tokens)      the SFT loss of a micro-batch      (μ > 0)
+    control(run, step, metrics, g_sft, g_rl)  update the method's own state (AMFT's μ)
+    after_update(run, step)                   extra work after the optimizer step
+    state_dict() / load_state_dict(state)     the method's state, for exact resume
+
+The defaults are GRPO (group advantages, PPO clip, optional KL) and token-mean NLL.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from amft_cli import algo
+from amft_cli.config import Config
+from amft_cli.policy import Policy
+from amft_cli.rollout import Rollouts
+from amft_cli.signals import RLBatch, Run, behaviour_logprobs
+
+
+class Method:
+    """A training method: the defaults of every hook. Subclasses override what they change."""
+
+    name = "base"
+    uses_rollouts = True  # False: never samples, so no rollout engine is started
+
+    def __init__(self, cfg: Config, policy: Policy) -> None:
+        self.cfg = cfg
+
+    # --- the balance
+
+    def mu(self, step: int) -> float:
+        """μ at 0-based `step`: 1 = SFT only (no rollouts), 0 = RL only (no demonstrations)."""
+        raise NotImplementedError
+
+    # --- the RL batch
+
+    def samples_per_prompt(self) -> int:
+        return self.cfg.rl.group_size
+
+    def shape_rollouts(self, run: Run, rollouts: Rollouts, examples: list[dict]) -> Rollouts:
+        return rollouts
+
+    def observe(self, run: Run, examples: list[dict], rollouts: Rollouts, rewards: torch.Tensor,
+                statuses: list[str]) -> None:
+        """See each step's scored groups (rollouts.group indexes `examples`)."""
+
+    def advantages(self, rewards: torch.Tensor, rollouts: Rollouts) -> torch.Tensor:
+        return algo.group_advantages(rewards, rollouts.group, self.cfg.rl.scale_adv_by_std)
+
+    def rl_loss(self, logprobs: torch.Tensor, mask: torch.Tensor, batch: RLBatch, rows: slice,
+                ref_logprobs: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        """Loss of the batch rows `rows` (logprobs, mask (b, T)), normalised by whole-batch counts."""
+        rl = self.cfg.rl
+        return algo.policy_loss(
+            logprobs, behaviour_logprobs(logprobs, batch, rows), batch.advantages[rows].to(logprobs.device),
+            mask, rl.clip_eps, rl.clip_eps_high, rl.loss_agg, ref_logprobs, rl.kl_beta,
+            batch.num_tokens, batch.num_seqs)
+
+    # --- the SFT batch
+
+    def sft_loss(self, logprobs: torch.Tensor, mask: torch.Tensor, num_tokens: float) -> tuple[torch.Tensor, dict]:
+        return algo.sft_loss(logprobs, mask, num_tokens), {}
+
+    # --- the method's own state
+
+    def control(self, run: Run, step: int, metrics: dict, g_sft: list | None, g_rl: list | None) -> dict:
+        """After both signals are computed at θ, before the update. Returns metrics."""
+        return {}
+
+    def after_update(self, run: Run, step: int) -> dict:
+        """After the optimizer step. Returns metrics."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,159 @@
+"""The RL signal as a gradient at the current θ, and what a step reads to make it.
+
+    prompts ─► rollout ─► [method shapes the groups] ─► verifier rewards ─► advantages ─► ∇L_RL
+    demonstrations ─► [method's SFT loss] ─► ∇L_SFT          (policy.sft_grads)
+
+A method (amft_cli/methods/) changes the data flow only through its hooks; this
+module names no method. Gradients stay lists of per-parameter tensors (one per
+signal), so a controller can compare them and a data-parallel loop can reduce them.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from amft_cli.config import Config
+from amft_cli.policy import Policy, grads_in_chunks
+from amft_cli.rewards import RewardFn, score_completions
+from amft_cli.rollout import Rollouts, generate
+
+
+@dataclass
+class Cursors:
+    """Positions in the seeded, per-epoch shuffled data streams (saved in checkpoints)."""
+
+    step: int = 0  # optimizer steps completed
+    sft: int = 0
+    rl: int = 0
+    val: int = 0
+
+
+class PhaseTimer:
+    """Seconds per named phase of one step; the names double as a table of contents."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def take(n: int, count: int, cursor: int, seed: int) -> list[int]:
+    """Indices cursor..cursor+count−1 of an endless stream of per-epoch permutations of range(n)."""
+    return [_epoch_order(n, seed, pos // n)[pos % n] for pos in range(cursor, cursor + count)]
+
+
+# each stream's seed offset: RL prompts and SFT demonstrations are drawn independently
+STREAMS = {"rl": ("train_set", 1), "sft": ("train_set", 2), "val": ("val_set", 7)}
+
+
+@dataclass
+class Run:
+    """What every step of a run reads: policy, config, data, verifier and random streams."""
+
+    policy: Policy
+    cfg: Config
+    task: object
+    train_set: list[dict]
+    val_set: list[dict]
+    reward_fn: RewardFn | None
+    generator: torch.Generator              # rollout sampling
+    cursors: Cursors = field(default_factory=Cursors)
+    on_message: Callable[[str], None] = print
+
+    def draw(self, stream: str, count: int) -> list[dict]:
+        """The next `count` examples of a data stream: rl, sft (train split) or val (held out)."""
+        split, offset = STREAMS[stream]
+        examples = getattr(self, split)
+        cursor = getattr(self.cursors, stream)
+        setattr(self.cursors, stream, cursor + count)
+        return [examples[i] for i in take(len(examples), count, cursor, self.cfg.seed + offset)]
+
+
+# ---------------------------------------------------------------------------
+# RL
+
+
+@dataclass
+class RLBatch:
+    """Scored rollouts of one step, as the RL loss sees them."""
+
+    rollouts: Rollouts
+    examples: list[dict]       # the group's example per row (rollouts.group indexes the prompts)
+    rewards: torch.Tensor      # (N,)
+    statuses: list[str]        # verifier status per row
+    advantages: torch.Tensor   # (N,)
+    num_tokens: float          # completion tokens of the whole batch (loss normaliser)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.rollouts.completion_ids)
+
+
+def behaviour_logprobs(logprobs: torch.Tensor, batch: RLBatch, rows: slice) -> torch.Tensor:
+    """π_old per token (B, T): the rows' recorded behaviour log-probs where known, else the
+    current ones detached (one update per rollout batch: π_old = π_θ)."""
+    old = logprobs.detach().clone()
+    for i, known in enumerate(batch.rollouts.behaviour_logprobs[rows]):
+        if known is not None:
+            old[i, : len(known)] = torch.tensor(known, dtype=old.dtype, device=old.device)
+    return old
+
+
+def rollout_stats(batch: RLBatch, rollout_s: float) -> dict:
+    """reward/* and rollout/* metrics over the rows the policy sampled itself."""
+    own = [i for i, off in enumerate(batch.rollouts.off_policy) if not off]
+    rewards, lengths = batch.rewards[own], [len(batch.rollouts.completion_ids[i]) for i in own]
+    return {
+        "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+        "reward/accuracy": sum(batch.statuses[i] == "correct" for i in own) / len(own),
+        "rollout/len_mean": sum(lengths) / len(own),
+        "rollout/truncated_frac": 1.0 - sum(batch.rollouts.finished[i] for i in own) / len(own),
+        "rollout/tokens_per_s": sum(lengths) / max(rollout_s, 1e-9),
+    }
+
+
+def rl_signal(run: Run, examples: list[dict], method, timer: PhaseTimer) -> tuple[list[torch.Tensor], float, dict]:
+    """Rollouts → (method shapes the groups) → verifier rewards → advantages → ∇ of the method's
+    RL loss. Returns (g_RL, loss, stats)."""
+    policy, cfg = run.policy, run.cfg
+    with timer("rollout"), policy.compute():
+        rollouts = generate(policy.model, policy.tokenizer, [policy.prompt_ids(ex) for ex in examples],
+                            method.samples_per_prompt(), max_new_tokens=cfg.rl.max_new_tokens,
+                            temperature=cfg.rl.temperature, top_p=cfg.rl.top_p,
+                            generator=run.generator, engine=policy.engine)
+        rollouts = method.shape_rollouts(run, rollouts, examples)
+    with timer("reward"):
+        grouped = [examples[g] for g in rollouts.group]
+        rewards, statuses = score_completions(run.task, grouped, rollouts.texts, run.reward_fn)
+        method.observe(run, examples, rollouts, rewards, statuses)
+        batch = RLBatch(rollouts, grouped, rewards, statuses, method.advantages(rewards, rollouts),
+                        float(rollouts.num_tokens))
+    with timer("losses"):
+        prompts, completions = rollouts.prompt_ids, rollouts.completion_ids
+
+        def chunk_loss(logprobs, mask, rows):
+            ref = (policy.ref_logprobs(prompts[rows], completions[rows], rollouts.group[rows])
+                   if cfg.rl.kl_beta > 0 else None)
+            return method.rl_loss(logprobs, mask, batch, rows, ref)
+
+        grads, loss, chunk_stats = grads_in_chunks(policy, prompts, completions, chunk_loss,
+                                                   cfg.train.micro_batch_size, rollouts.group)
+    stats = {**rollout_stats(batch, timer.seconds.get("rollout", 0.0)),
+             "policy/entropy": chunk_stats.pop("entropy"),
+             **{f"rl/{k}": v for k, v in chunk_stats.items()}}
+    return grads, loss, stats
