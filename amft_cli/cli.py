@@ -77,13 +77,15 @@ def presets(keys: bool = typer.Option(False, "--keys", help="List every config k
 
 @app.command()
 def prepare(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET, seed: Optional[int] = SEED,
-            force: bool = typer.Option(False, "--force", help="Rebuild data and tiny model even if present.")):
+            force: bool = typer.Option(False, "--force", help="Rebuild data and tiny model even if present."),
+            eval_only: bool = typer.Option(False, "--eval-only", help="Only the evaluation splits (math: no training "
+                                           "set needed); `amft eval` does this by itself.")):
     """Generate the task's data splits (and build the tiny model for CPU presets)."""
     from amft_cli.data import prepare as prepare_data
 
     cfg = resolve_config(preset, overrides, seed)
     with console.status(f"preparing {cfg.task.name} data in {cfg.task.data_dir}/ ..."):
-        prepare_data(cfg, force=force, log=console.print)
+        prepare_data(cfg, force=force, log=console.print, eval_only=eval_only)
 
 
 @app.command()
@@ -161,7 +163,8 @@ def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run directo
     results = evaluate.run_eval(
         cfg, model_path, out, which, k=k, temperature=e.temperature if temperature is None else temperature,
         top_p=top_p or e.top_p, greedy_only=greedy, max_new_tokens=max_new_tokens or e.max_new_tokens,
-        limit=e.limit if limit is None else limit, batch_size=batch_size or e.batch_size, seed=cfg.seed)
+        limit=e.limit if limit is None else limit, batch_size=batch_size or e.batch_size, seed=cfg.seed,
+        log=console.print)
     console.print(evaluate.results_table(results))
     console.print(f"[dim]wrote {out}/<split>.json and <split>.samples.jsonl[/]")
 

@@ -39,7 +39,14 @@ class TaskConfig:
     train_path: str = knob("", "Math only: local parquet/jsonl file or hub dataset id of the training "
                            "set (OpenR1-Math-46k layout: prompt, target, reward_model.ground_truth).")
     eval_sets: list = knob([], "Math only: eval benchmarks to load (math500, aime24, ...); empty = the task's defaults.")
-    eval_dir: str = knob("", "Math only: folder holding local copies of the eval benchmarks (<name>.jsonl|parquet).")
+    eval_dir: str = knob("", "Math only: folder holding the eval benchmarks: LUFFY's files as published "
+                         "(valid.all.parquet, valid.arc_c.parquet, valid.gpqa.parquet) and/or <name>.jsonl|parquet.")
+    prompt: str = knob("instruction", "Math only: file = the chat messages each data row carries (LUFFY's system "
+                       "prompt and the problem; the paper setting) | instruction = the problem as one user message "
+                       "plus a one-line \\boxed{} instruction.")
+    grader: str = knob("boxed", "Math verifier rule: luffy = LUFFY's reward (reward_impl_version 3: math-verify on "
+                       "the text after </think>, unboxed answers count, no </think> scores 0) | boxed = the last "
+                       "\\boxed{} answer only. See tasks/math_grader.py.")
     train_size: int = knob(20000, "Generated training examples (generated tasks).")
     val_size: int = knob(256, "Held-out demonstrations/prompts used for the entropy target H* and the meta-gradient utility.")
     test_size: int = knob(500, "Unseen ID test examples (never in train or val).")
@@ -171,6 +178,8 @@ def validate(cfg: Config) -> Config:
     checks = [
         (cfg.task.name in ("tiny-math", "gp", "virl", "math"), "task.name", "tiny-math, gp, virl or math"),
         (cfg.task.format in ("compact", "full"), "task.format", "compact or full"),
+        (cfg.task.prompt in ("file", "instruction"), "task.prompt", "file or instruction"),
+        (cfg.task.grader in ("luffy", "boxed"), "task.grader", "luffy or boxed"),
         (cfg.train.steps >= 1, "train.steps", "an integer >= 1"),
         (cfg.train.lr > 0, "train.lr", "a positive float"),
         (cfg.train.rl_lr >= 0, "train.rl_lr", "0 (shared optimizer) or a positive float"),
@@ -199,6 +208,18 @@ def validate(cfg: Config) -> Config:
 # loading, overrides, saving
 
 
+def _parse_list(text: str) -> list:
+    """A --set list: TOML (`["a", "b"]`, `[1, 2]`) or bare comma-separated words (`a,b`, `[a, b]`)."""
+    if text.startswith("["):
+        try:
+            return tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            if any(q in text for q in "\"'"):
+                raise ValueError from None  # meant as TOML, but is not valid TOML
+            text = text[1:-1] if text.endswith("]") else text[1:]
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def _coerce(value: Any, typ: type, key: str) -> Any:
     """Type-check a TOML value or parse a --set string into the field's type."""
     want = typ if get_origin(typ) is None else get_origin(typ)
@@ -210,7 +231,7 @@ def _coerce(value: Any, typ: type, key: str) -> Any:
                     raise ValueError
                 return text.lower() in ("true", "1", "yes")
             if want is list:
-                return [] if not text else [t.strip() for t in text.strip("[]").split(",") if t.strip()]
+                return _parse_list(text)
             return want(text)
         except ValueError:
             raise ConfigError(f"{key}: expected {want.__name__}, got {value!r}") from None

@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from amft_cli.config import Config
-from amft_cli.data import load_split
+from amft_cli.data import load_split, prepare
 from amft_cli.tasks import get_task
 from amft_cli.tasks.base import read_jsonl, write_jsonl
 
@@ -234,20 +234,24 @@ def generate_fn_for(model, tokenizer, cfg: Config, settings: dict,
 def run_eval(cfg: Config, model_path: str | Path, out_dir: str | Path, which: str = "id", k: int | None = None,
              temperature: float | None = None, top_p: float | None = None, greedy_only: bool = False,
              max_new_tokens: int | None = None, limit: int | None = None, batch_size: int | None = None,
-             seed: int | None = None, progress: bool = True) -> dict[str, dict]:
+             seed: int | None = None, progress: bool = True,
+             log: Callable[[str], None] = print) -> dict[str, dict]:
     """Evaluate a model on the task's splits; write out_dir/<split>.json and .samples.jsonl.
 
     Options left as None come from cfg.eval (and cfg.seed); k None means each
-    set's default k (math) or cfg.eval.k. Returns split -> metrics.
+    set's default k (math) or cfg.eval.k. Missing or stale eval splits are
+    prepared first (no training set needed). Returns split -> metrics.
     """
     model_path = _check_model_path(model_path)
     task = get_task(cfg.task.name)
+    prepare(cfg, log=log, eval_only=True)  # a no-op when the eval splits are there and current
     splits = splits_for(task, which, cfg.task.data_dir)
     if not splits:
         raise EvalError(f"{cfg.task.data_dir}: no {which} eval sets of task {cfg.task.name} found — run `amft prepare`")
     s = eval_settings(cfg, seed, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                   limit=limit, batch_size=batch_size)
-    data = {split: load_split(cfg, split, s["limit"]) for split in splits}
+    sets = {split: load_split(cfg, split) for split in splits}
+    data = {split: examples[:s["limit"]] if s["limit"] > 0 else examples for split, examples in sets.items()}
     model, tokenizer = _load_model(cfg, model_path)
 
     out_dir = Path(out_dir)
@@ -261,7 +265,7 @@ def run_eval(cfg: Config, model_path: str | Path, out_dir: str | Path, which: st
             generate_fn = generate_fn_for(model, tokenizer, cfg, s, lambda n, b=bar_id: bar.advance(b, n))
             metrics, rows = evaluate_split(task, examples, generate_fn, k=split_k)
             metrics["ood"] = is_ood(task, split)
-            record = {"split": split, "task": cfg.task.name, "checkpoint": model_path,
+            record = {"split": split, "task": cfg.task.name, "checkpoint": model_path, "set_size": len(sets[split]),
                       "settings": {**s, "k": split_k, "greedy_only": greedy_only}, "metrics": metrics}
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / f"{split}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

@@ -268,15 +268,20 @@ def save_policy(model, tokenizer, out_dir: Path) -> None:
 # encoding
 
 
-def encode_prompt(tokenizer, prompt: str, chat_template: bool) -> list[int]:
+def encode_prompt(tokenizer, prompt: str | list[dict], chat_template: bool) -> list[int]:
     """Token ids of `prompt` as the model should continue it, starting with bos
     when the tokenizer has one; wrapped in the chat template (with the
-    assistant-turn header) when `chat_template` is true."""
+    assistant-turn header) when `chat_template` is true. A prompt is a user
+    message (str) or whole chat messages [{role, content}] (a system prompt
+    from the data, as LUFFY's files carry), which need the chat template."""
+    if isinstance(prompt, list) and not chat_template:
+        raise ModelError("the data's prompts are chat messages but model.chat_template is false; set "
+                         "--set model.chat_template=true or --set task.prompt=instruction")
     if chat_template:
         if not tokenizer.chat_template:
             raise ModelError("model.chat_template is true but the tokenizer has no chat template")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             add_generation_prompt=True, tokenize=False)
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(prompt)["input_ids"]

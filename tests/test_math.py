@@ -1,8 +1,6 @@
 """The math task: grading with real math-verify, loading OpenR1-style data and eval sets."""
 
 import socket
-import threading
-import time
 
 import pytest
 
@@ -61,40 +59,9 @@ def test_no_or_empty_answer_is_malformed(completion):
     assert (s.reward, s.status) == (0.0, "malformed")
 
 
-def test_pathological_expression_returns_quickly_with_zero_reward():
-    t0 = time.monotonic()
-    s = mt.grade("\\boxed{9^{9^{9^{9}}}}", "7")
-    assert time.monotonic() - t0 < 10  # math-verify's timer (2 s) stops sympy, not a hang
-    assert s.reward == 0.0 and s.status in ("timeout", "wrong")
-
-
 def test_overlong_answer_is_wrong_without_parsing():
     s = mt.grade("\\boxed{" + "1+" * 600 + "1}", "1201")
     assert (s.reward, s.status) == (0.0, "wrong")
-
-
-def test_exceptions_and_timeouts_become_scores(monkeypatch):
-    def boom(*a, **k):
-        raise RuntimeError("sympy exploded")
-
-    def slow(*a, **k):
-        raise mt.TimeoutException("Operation timed out!")
-
-    mt._parse_gold.cache_clear()
-    monkeypatch.setattr(mt, "parse", boom)
-    assert mt.grade("\\boxed{x+1}", "x+2").status == "wrong"
-    monkeypatch.setattr(mt, "parse", slow)
-    s = mt.grade("\\boxed{x+1}", "x+3")
-    assert (s.reward, s.status) == (0.0, "timeout")
-    mt._parse_gold.cache_clear()
-
-
-def test_grading_off_the_main_thread_works_without_timers():
-    out = []
-    t = threading.Thread(target=lambda: out.append(mt.grade("\\boxed{1/2}", "\\frac{1}{2}")))
-    t.start()
-    t.join(30)
-    assert out and out[0].correct
 
 
 @pytest.mark.parametrize("pred, ok", [("B", True), ("b", True), ("(B)", True), ("\\text{B}", True),
@@ -153,7 +120,7 @@ def test_load_train_jsonl_openr1_layout(tmp_path):
     assert len(exs) == 4
     first = exs[0]
     assert first["prompt"].startswith("What is 0+1?") and "\\boxed{}" in first["prompt"]
-    assert "careful solver" not in first["prompt"] and first["meta"]["system"] == "You are a careful solver."
+    assert "careful solver" not in first["prompt"] and first["meta"]["grader"] == "boxed"
     assert first["demonstration"] == "<think>0+1</think> \\boxed{1}"
     assert first["answer"] == "1"
     assert exs[3]["demonstration"] == "\\boxed{6}" and exs[3]["answer"] == "6"
@@ -228,7 +195,7 @@ def test_build_splits_holds_out_the_last_rows_and_loads_present_eval_sets(tmp_pa
     assert mt.score(arc, "\\boxed{B}").correct and not mt.score(arc, "\\boxed{A}").correct
     assert splits["mmlu_pro"][0]["answer"] == "B"
     m = splits["math500"][0]
-    assert m["meta"] == {"benchmark": "math500", "kind": "math", "ood": False, "k": 1}
+    assert m["meta"] == {"benchmark": "math500", "kind": "math", "ood": False, "k": 1, "grader": "boxed", "repeats": 1}
     assert mt.score(m, "\\boxed{0.5}").correct
 
 

@@ -138,6 +138,17 @@ def test_chat_template_wraps_prompt_once_with_bos(tokenizer):
     assert ids == [tok.bos_token_id] + tok("U:hi\nA:", add_special_tokens=False)["input_ids"]
 
 
+def test_chat_prompt_from_the_data_keeps_its_system_message(tokenizer):
+    messages = [{"role": "system", "content": "think"}, {"role": "user", "content": "hi"}]
+    with pytest.raises(ModelError, match="model.chat_template is false"):
+        encode_prompt(tokenizer, messages, chat_template=False)
+    tok = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}a:{% endif %}")
+    ids = encode_prompt(tok, messages, chat_template=True)
+    assert ids == [tok.bos_token_id] + tok("s:think\nu:hi\na:", add_special_tokens=False)["input_ids"]
+
+
 def test_left_padding_of_a_batch(tiny_dir):
     _, tok = load_policy(ModelConfig(path=str(tiny_dir)), torch.device("cpu"), trainable=False)
     batch = tok(["1+1=", "12*3+4="], padding=True, return_tensors="pt")

@@ -59,7 +59,19 @@ def test_preset_is_consistent_with_its_task(path):
         assert "test" in task.SPLITS, f"{cfg.task.name} has no test split: set train.eval_at_end = false"
     assert cfg.amft.mu_min <= cfg.amft.mu_init <= cfg.amft.mu_max
     if cfg.task.name == "math":
-        assert cfg.task.eval_sets and set(cfg.task.eval_sets) <= set(EVAL_SETS)  # exact spellings
+        assert set(cfg.task.eval_sets) <= set(EVAL_SETS)  # exact spellings; empty = every set found
+
+
+@pytest.mark.parametrize("value", ['["math500","aime24"]', "[ 'math500', 'aime24' ]", "math500,aime24",
+                                   "[math500, aime24]", " math500 , aime24 "])
+def test_set_reads_a_list_as_toml_or_as_comma_separated_words(value):
+    cfg = config.apply_overrides(config.Config(), [f"task.eval_sets={value}"])
+    assert cfg.task.eval_sets == ["math500", "aime24"]
+
+
+def test_set_with_broken_toml_list_is_a_one_line_error():
+    with pytest.raises(config.ConfigError, match="task.eval_sets: expected list"):
+        config.apply_overrides(config.Config(), ['task.eval_sets=["math500", aime24]'])
 
 
 @pytest.mark.parametrize("path", [p for p in PRESETS if load(p).model.init == "tiny"],

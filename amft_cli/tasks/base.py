@@ -4,9 +4,11 @@ An example is a plain dict, so splits are JSONL files on disk:
 
     {"id": str, "prompt": str, "demonstration": str, "answer": Any, "meta": dict}
 
-`prompt` is the exact text the model continues (compact format) or the user
+`prompt` is the exact text the model continues (compact format), the user
 message (full format, wrapped by the tokenizer's chat template when the
-model config asks for it). `demonstration` is the target response, without
+model config asks for it), or whole chat messages [{"role", "content"}]
+when the data carries its own (a system prompt: the math task's
+task.prompt = "file"). `demonstration` is the target response, without
 the prompt. A task module provides:
 
     SPLITS                      the split names it builds ("train", "val", "test", "ood", ...)
@@ -42,6 +44,11 @@ class Score:
     @property
     def correct(self) -> bool:
         return self.status == "correct"
+
+
+def prompt_text(prompt: str | list[dict]) -> str:
+    """A prompt's text: the string itself, or its messages' contents joined by newlines."""
+    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:

@@ -1,207 +1,75 @@
-"""Math reasoning after LUFFY: OpenR1-Math-46k training data, math and
-multiple-choice eval sets, and a time-bounded math-verify grader.
+"""Math reasoning after LUFFY: OpenR1-Math-46k training data, LUFFY's eval files
+as published, and the math verifier (tasks/math_grader.py).
 
-Grading (`grade`): the answer is the last `\\boxed{...}` in the text after the
-last `</think>`; the gold answer is parsed first, then the prediction, then
-`math_verify.verify(gold, pred)`. Reward 1.0 when correct, else 0.0.
+The paper setting (preset math-qwen2.5) follows LUFFY (ElliottYan/LUFFY):
+- prompt (`task.prompt = "file"`): the chat messages each row carries, LUFFY's
+  system prompt (think in <think> ... </think>, answer in \\boxed{}) and the
+  problem, for training and evaluation alike;
+- reward (`task.grader = "luffy"`): LUFFY's reward_impl_version 3 (see
+  math_grader.py for the rule and the code it follows);
+- eval files: LUFFY's data/valid.all.parquet (one file, rows tagged by
+  `data_source`: aime, aime25, amc, math, minerva, olympiad_bench) and
+  data/valid.<source>.parquet (arc_c, gpqa, mmlu_pro), read as published from
+  `task.eval_dir`. AIME24/25 and AMC repeat every problem 32 times (LUFFY's
+  way of getting avg@32 from one sample per row, eval_scripts/generate_vllm.py
+  averaging per data_source); here repeats are collapsed into distinct
+  problems, each sampled k times (avg@k, the set's default k 32).
 
-Where this departs from LUFFY's reward code:
+Ours, as knobs: `task.prompt = "instruction"` (the problem as one user message
+plus a one-line \\boxed{} instruction) and `task.grader = "boxed"`.
 
-1. A completion without `</think>` is graded on its whole text (LUFFY-style
-   thinking models close the tag; the tiny models and plain instruct models
-   never open one, and they share this grader).
-2. Plain integers/decimals on both sides skip math-verify (`fast_compare`):
-   RL scores hundreds of completions per step and math-verify costs
-   milliseconds each. The shortcut only answers where math-verify's verdict
-   is certain, and defers to it otherwise.
-3. A gold answer that is one capital letter A-J is a multiple-choice answer:
-   the boxed letter is compared directly (case-insensitive).
+Where this departs from LUFFY (the grader's own departures are listed in
+math_grader.py):
 
-Time bound: math-verify's own signal timers (`parsing_timeout`,
-`timeout_seconds`), which only work in the main thread; from another thread
-the timers are off (math-verify refuses them there) and only the answer
-length cap bounds the work. Any exception becomes a Score, never a crash.
+1. Evaluation uses the training reward. LUFFY's published eval command
+   (README, eval_scripts/generate_vllm.py with --add_oat_evaluate True) scores
+   with OAT's boxed grader instead, grades the think split only when the
+   prompt ends in "<think>\\n", and drops the system message
+   (--remove_system True), relying on its released models' chat templates.
+2. Multiple-choice sets are graded by letter (math_grader.py, point 1), not
+   by math-verify.
+3. Repeated rows are one problem sampled k times rather than k rows with one
+   sample each: the same estimator, one prompt encoding instead of 32.
+4. Our own layouts are read too: <eval_dir>/<name>.jsonl|parquet with
+   problem/answer columns (and question/choices/answer for multiple choice),
+   which rows without a chat prompt answer in the "instruction" form.
 """
 
 from __future__ import annotations
 
-import functools
+import json
 import re
-import threading
-from fractions import Fraction
-from itertools import product
 from pathlib import Path
 
-from math_verify import parse, verify
-from math_verify.errors import TimeoutException
-
 from amft_cli.tasks.base import Score, read_jsonl
+from amft_cli.tasks.math_grader import (LETTERS, RULES, answer_text, fast_compare, grade,  # noqa: F401
+                                        last_boxed)
 
-THINK_END = "</think>"
 MATH_INSTRUCTION = "Reason step by step, then write your final answer inside \\boxed{}."
 MC_INSTRUCTION = ("Reason step by step, then write the letter of the correct option "
                   "inside \\boxed{} (for example \\boxed{A}).")
-PARSE_TIMEOUT_S = 1   # per parse; math-verify's default of 5 s is too slow for RL batches
-VERIFY_TIMEOUT_S = 2  # per gold/prediction pair; symbolic simplification may need a moment
-MAX_ANSWER_CHARS = 1000  # longer boxed answers are wrong without parsing (keeps work bounded)
+PROMPTS = ("file", "instruction")
 HUB_TIMEOUT_S = 5
 
-# name -> kind (math: free-form answer; mc: letter), avg@k default, out-of-distribution.
-# Local files: <eval_dir>/<name>.jsonl or .parquet (see load_eval_set for the columns).
+# name -> kind (math: free-form answer; mc: letter), avg@k default, out-of-distribution, and
+# `source`, the set's data_source in LUFFY's files. Local files: see load_eval_set.
 EVAL_SETS = {
-    "math500": {"kind": "math", "default_k": 1, "ood": False},
-    "aime24": {"kind": "math", "default_k": 32, "ood": False},
-    "aime25": {"kind": "math", "default_k": 32, "ood": False},
-    "amc23": {"kind": "math", "default_k": 32, "ood": False},
-    "minerva": {"kind": "math", "default_k": 1, "ood": False},
-    "olympiadbench": {"kind": "math", "default_k": 1, "ood": False},
-    "arc_c": {"kind": "mc", "default_k": 1, "ood": True},
-    "gpqa_diamond": {"kind": "mc", "default_k": 1, "ood": True},
-    "mmlu_pro": {"kind": "mc", "default_k": 1, "ood": True},
+    "math500": {"kind": "math", "default_k": 1, "ood": False, "source": "math"},
+    "aime24": {"kind": "math", "default_k": 32, "ood": False, "source": "aime"},
+    "aime25": {"kind": "math", "default_k": 32, "ood": False, "source": "aime25"},
+    "amc23": {"kind": "math", "default_k": 32, "ood": False, "source": "amc"},
+    "minerva": {"kind": "math", "default_k": 1, "ood": False, "source": "minerva"},
+    "olympiadbench": {"kind": "math", "default_k": 1, "ood": False, "source": "olympiad_bench"},
+    "arc_c": {"kind": "mc", "default_k": 1, "ood": True, "source": "arc_c"},
+    "gpqa_diamond": {"kind": "mc", "default_k": 1, "ood": True, "source": "gpqa"},
+    "mmlu_pro": {"kind": "mc", "default_k": 1, "ood": True, "source": "mmlu_pro"},
 }
 SPLITS = ("train", "val", *EVAL_SETS)
-LETTERS = "ABCDEFGHIJ"
-
-
-# ---------------------------------------------------------------------------
-# answer extraction
-
-
-def answer_text(completion: str) -> str:
-    """The text after the last `</think>`, or the whole text when there is none."""
-    return completion.rsplit(THINK_END, 1)[-1]
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}`, braces matched; None if absent or unclosed."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth = 0
-    begin = start + len("\\boxed{")
-    for i in range(begin - 1, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[begin:i]
-    return None  # cut off before the closing brace
-
-
-_NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?")
-
-
-def fast_compare(gold: str, pred: str) -> bool | None:
-    """math-verify's verdict on two plain numbers, without calling it; None = unsure.
-
-    Integers compare exactly, as math-verify compares two sympy Integers. With a decimal on either side math-verify rounds both to
-    6 decimals, so here only exact equality (correct) and a gap of at least
-    1e-5 (wrong) are decided, for values under 1e6 with at most 12
-    significant digits, where float error (< 1e-9) cannot flip the rounding.
-    """
-    gold, pred = gold.strip(), pred.strip()
-    if not (_NUMBER.fullmatch(gold) and _NUMBER.fullmatch(pred)):
-        return None
-    if "." not in gold and "." not in pred:
-        return int(gold) == int(pred) if max(len(gold), len(pred)) <= MAX_ANSWER_CHARS else None
-    if max(len(re.sub(r"\D", "", s).lstrip("0")) for s in (gold, pred)) > 12:
-        return None
-    g, p = Fraction(gold), Fraction(pred)
-    if max(abs(g), abs(p)) >= 10**6:
-        return None
-    if g == p:
-        return True
-    return False if abs(g - p) >= Fraction(1, 10**5) else None
-
-
-def _mc_letter(answer: str) -> str | None:
-    """The option letter in a boxed answer: `B`, `(b)`, `\\text{B}`, `B.`; else None."""
-    text = answer
-    for _ in range(3):  # unwrap nested \text{\textbf{B}}
-        text = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}", r"\1", text)
-    text = text.strip().strip("$").strip()
-    m = re.fullmatch(r"\(?\s*([A-Ja-j])\s*\)?\s*[.:]?", text)
-    return m.group(1).upper() if m else None
-
-
-def _gold_letter(gold: str) -> str | None:
-    text = gold.strip().strip("()").strip()
-    return text if len(text) == 1 and text in LETTERS else None
-
-
-# ---------------------------------------------------------------------------
-# grading
-
-
-def _timeouts() -> tuple[int | None, int | None]:
-    # math-verify's timers use signal.alarm, which exists only in the main thread
-    if threading.current_thread() is threading.main_thread():
-        return PARSE_TIMEOUT_S, VERIFY_TIMEOUT_S
-    return None, None
-
-
-@functools.lru_cache(maxsize=4096)
-def _parse_gold(gold: str, timeout_s: int | None) -> tuple:
-    """Parsed gold answers; cached because a group's rollouts share one gold."""
-    boxed = gold if "\\boxed" in gold else "\\boxed{" + gold + "}"
-    return tuple(parse(boxed, parsing_timeout=timeout_s, raise_on_error=True))
-
-
-def _math_verify(gold: str, pred: str) -> Score:
-    """Gold parsed first, then the prediction, then verify on each pair."""
-    parse_s, verify_s = _timeouts()
-    info = {"pred": pred, "via": "math_verify"}
-    try:
-        golds = _parse_gold(gold, parse_s)
-        if not golds:
-            return Score(0.0, "wrong", {**info, "error": "gold answer not parseable"})
-        preds = parse("\\boxed{" + pred + "}", parsing_timeout=parse_s, raise_on_error=True)
-        if not preds:
-            return Score(0.0, "wrong", {**info, "error": "answer not parseable"})
-        for g, p in product(golds, preds):
-            try:
-                if verify(g, p, timeout_seconds=verify_s, raise_on_error=True):
-                    return Score(1.0, "correct", info)
-            except Exception:  # one failed comparison (sympy error): try the other forms
-                continue
-    except TimeoutException:  # a BaseException: `except Exception` would miss it
-        return Score(0.0, "timeout", {**info, "error": "math-verify time limit"})
-    return Score(0.0, "wrong", info)
-
-
-def _grade(completion: str, gold: str, fast: bool) -> Score:
-    pred = last_boxed(answer_text(completion))
-    if pred is None or not pred.strip():
-        return Score(0.0, "malformed", {"pred": pred, "error": "no \\boxed{} answer"})
-    if len(pred) > MAX_ANSWER_CHARS:
-        return Score(0.0, "wrong", {"pred": pred[:100], "error": "answer too long"})
-    letter = _gold_letter(gold)
-    if letter is not None:
-        ok = _mc_letter(pred) == letter
-        return Score(float(ok), "correct" if ok else "wrong", {"pred": pred, "via": "letter"})
-    verdict = fast_compare(gold, pred) if fast else None
-    if verdict is not None:
-        return Score(float(verdict), "correct" if verdict else "wrong", {"pred": pred, "via": "fast"})
-    return _math_verify(gold, pred)
-
-
-def grade(completion: str, gold: str, fast: bool = True) -> Score:
-    """Reward 1.0 if the last boxed answer after `</think>` equals `gold`, else 0.0.
-
-    Statuses: correct, wrong, malformed (no or empty `\\boxed{}`), timeout
-    (math-verify ran out of time). `fast=False` forces math-verify even for
-    plain numbers (tests compare both paths).
-    """
-    gold = str(gold).strip().strip("$").strip()
-    try:
-        return _grade(completion, gold, fast)
-    except TimeoutException:
-        return Score(0.0, "timeout", {"error": "math-verify time limit"})
-    except Exception as e:  # never str(e): printing a huge sympy object can hang
-        return Score(0.0, "wrong", {"error": type(e).__name__})
 
 
 def score(example: dict, completion: str) -> Score:
-    """The task verifier: `grade` against the example's gold answer."""
-    return grade(completion, example["answer"])
+    """The task verifier: `grade` against the example's gold answer, under the example's rule."""
+    return grade(completion, example["answer"], rule=example["meta"].get("grader", "boxed"))
 
 
 # ---------------------------------------------------------------------------
@@ -263,7 +131,7 @@ def _read_hub(repo_id: str, key: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------
-# examples
+# prompts
 
 
 def _messages_text(value, role: str) -> str | None:
@@ -276,38 +144,19 @@ def _messages_text(value, role: str) -> str | None:
     return None
 
 
+def _chat(value) -> list[dict] | None:
+    """A chat prompt as plain {role, content} messages, or None if `value` is not one."""
+    if not isinstance(value, (list, tuple)) or not value:
+        return None
+    if not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in value):
+        return None
+    return [{"role": str(m["role"]), "content": m["content"]} for m in value]
+
+
 def math_prompt(problem: str) -> str:
     """The user message: the problem plus the boxed-answer instruction (unless it has one)."""
     problem = problem.strip()
     return problem if "\\boxed" in problem else f"{problem}\n\n{MATH_INSTRUCTION}"
-
-
-def _gold(value) -> str:
-    """A gold answer as text; OlympiadBench stores a list of answers."""
-    if isinstance(value, (list, tuple)):
-        value = ", ".join(str(v) for v in value)
-    return str(value).strip().strip("$").strip()
-
-
-def _train_example(row: dict, i: int, key: str) -> dict:
-    messages = row.get("prompt")
-    problem = _messages_text(messages, "user")
-    gold = (row.get("reward_model") or {}).get("ground_truth", row.get("answer"))
-    if problem is None or gold is None:
-        raise ValueError(f"{key}: row {i} lacks a user 'prompt' or 'reward_model.ground_truth'")
-    system = None if isinstance(messages, str) else _messages_text(messages, "system")
-    meta = {"source": row.get("data_source", "")}
-    if system:
-        meta["system"] = system  # kept for callers that want LUFFY's system prompt
-    return {"id": f"row-{i}", "prompt": math_prompt(problem),
-            "demonstration": _messages_text(row.get("target"), "assistant") or "",
-            "answer": _gold(gold), "meta": meta}
-
-
-def load_train(path_or_id: str, key: str = "task.train_path") -> list[dict]:
-    """OpenR1-Math-46k layout: `prompt` (chat messages or text), `target`
-    (assistant message(s) or text: the demonstration), `reward_model.ground_truth`."""
-    return [_train_example(row, i, key) for i, row in enumerate(_read_rows(path_or_id, key))]
 
 
 def mc_prompt(question: str, choices: list[str]) -> str:
@@ -317,33 +166,94 @@ def mc_prompt(question: str, choices: list[str]) -> str:
     return f"{body}\n\n{MC_INSTRUCTION}"
 
 
+def _prompt(row: dict, style: str, instruction_form: str):
+    """The chat messages the row carries ("file"), else our instruction form (a user message)."""
+    chat = _chat(row.get("prompt"))
+    return chat if style == "file" and chat else instruction_form
+
+
+def _gold(value) -> str:
+    """A gold answer as text; OlympiadBench stores a list of answers."""
+    if isinstance(value, (list, tuple)):
+        value = ", ".join(str(v) for v in value)
+    return str(value).strip().strip("$").strip()
+
+
+def _check_knobs(tcfg) -> None:
+    if tcfg.prompt not in PROMPTS:
+        raise ValueError(f"task.prompt: expected one of {', '.join(PROMPTS)}, got {tcfg.prompt!r}")
+    if tcfg.grader not in RULES:
+        raise ValueError(f"task.grader: expected one of {', '.join(RULES)}, got {tcfg.grader!r}")
+
+
+# ---------------------------------------------------------------------------
+# training rows
+
+
+def _train_example(row: dict, i: int, key: str, style: str, grader: str) -> dict:
+    problem = _messages_text(row.get("prompt"), "user")
+    gold = (row.get("reward_model") or {}).get("ground_truth", row.get("answer"))
+    if problem is None or gold is None:
+        raise ValueError(f"{key}: row {i} lacks a user 'prompt' or 'reward_model.ground_truth'")
+    return {"id": f"row-{i}", "prompt": _prompt(row, style, math_prompt(problem)),
+            "demonstration": _messages_text(row.get("target"), "assistant") or "",
+            "answer": _gold(gold), "meta": {"source": row.get("data_source", ""), "grader": grader}}
+
+
+def load_train(path_or_id: str, key: str = "task.train_path", style: str = "instruction",
+               grader: str = "boxed") -> list[dict]:
+    """OpenR1-Math-46k layout: `prompt` (chat messages or text), `target`
+    (assistant message(s) or text: the demonstration), `reward_model.ground_truth`.
+    style and grader: task.prompt and task.grader."""
+    return [_train_example(row, i, key, style, grader) for i, row in enumerate(_read_rows(path_or_id, key))]
+
+
+# ---------------------------------------------------------------------------
+# eval sets: ours (<name>.jsonl|parquet) and LUFFY's (valid.*.parquet by data_source)
+
+
 def _mc_fields(row: dict) -> tuple[list[str], str]:
     """(choices, answer letter) from `choices`/`options` (a list, or ARC's {text, label})
-    and `answer`/`answerKey` (a letter or a 0-based index)."""
+    and `answer`/`answerKey`/`reward_model.ground_truth` (a letter or a 0-based index)."""
     choices = row.get("choices", row.get("options")) or []
     if isinstance(choices, dict):
         choices = choices.get("text", [])
-    answer = row.get("answer", row.get("answerKey", ""))
+    answer = row.get("answer", row.get("answerKey", (row.get("reward_model") or {}).get("ground_truth", "")))
     if isinstance(answer, int):
         answer = LETTERS[answer]
     answer = str(answer).strip().strip("()")
     return [str(c) for c in choices], answer.upper() if len(answer) == 1 else answer
 
 
-def _eval_example(row: dict, name: str, i: int) -> dict:
+def _eval_example(row: dict, name: str, i: int, style: str, grader: str) -> dict:
     spec = EVAL_SETS[name]
     question = row.get("problem", row.get("question"))
     question = question if question is not None else _messages_text(row.get("prompt"), "user")
     gold = row.get("answer", row.get("final_answer", (row.get("reward_model") or {}).get("ground_truth")))
     if spec["kind"] == "mc":
         choices, gold = _mc_fields(row)
-        prompt = mc_prompt(question or "", choices)
+        instruction_form = mc_prompt(question or "", choices)
     else:
-        prompt = math_prompt(question or "")
+        instruction_form = math_prompt(question or "")
     if not question or gold in (None, ""):
         raise ValueError(f"task.eval_dir: {name} row {i} lacks a problem/question or an answer")
-    return {"id": f"{name}-{i}", "prompt": prompt, "demonstration": "", "answer": _gold(gold),
-            "meta": {"benchmark": name, "kind": spec["kind"], "ood": spec["ood"], "k": spec["default_k"]}}
+    meta = {"benchmark": name, "kind": spec["kind"], "ood": spec["ood"], "k": spec["default_k"],
+            "grader": grader}
+    return {"id": f"{name}-{i}", "prompt": _prompt(row, style, instruction_form), "demonstration": "",
+            "answer": _gold(gold), "meta": meta}
+
+
+def distinct_rows(rows: list[dict]) -> list[tuple[dict, int]]:
+    """(row, times it occurs) per distinct (prompt, gold), in order of first occurrence.
+
+    LUFFY repeats each AIME/AMC problem 32 times to average 32 one-sample rows."""
+    counts: dict[str, list] = {}
+    for row in rows:
+        gold = (row.get("reward_model") or {}).get("ground_truth", row.get("answer"))
+        key = json.dumps([row.get("prompt", row.get("problem", row.get("question"))), gold],
+                         sort_keys=True, default=str)
+        counts.setdefault(key, [row, 0])[1] += 1
+    return [(row, n) for row, n in counts.values()]
 
 
 def eval_file(eval_dir: str, name: str) -> Path | None:
@@ -355,45 +265,89 @@ def eval_file(eval_dir: str, name: str) -> Path | None:
     return None
 
 
-def load_eval_set(name: str, eval_dir: str) -> list[dict]:
-    """One benchmark from <eval_dir>/<name>.jsonl|parquet.
+def luffy_rows(eval_dir: str) -> dict[str, list[dict]]:
+    """Rows of LUFFY's files in eval_dir (valid.all.parquet, valid.<source>.parquet), by data_source."""
+    by_source: dict[str, list[dict]] = {}
+    for path in sorted(Path(eval_dir).expanduser().glob("valid.*.parquet")):
+        for row in _read_file(path, "task.eval_dir"):
+            by_source.setdefault(str(row.get("data_source", "")), []).append(row)
+    return by_source
+
+
+def available_eval_sets(eval_dir: str) -> dict[str, list[dict]]:
+    """name -> raw rows of every known set in eval_dir: our <name> file first, else LUFFY's rows."""
+    if not eval_dir:
+        return {}
+    luffy = luffy_rows(eval_dir)
+    found = {}
+    for name, spec in EVAL_SETS.items():
+        path = eval_file(eval_dir, name)
+        rows = _read_file(path, "task.eval_dir") if path else luffy.get(spec["source"])
+        if rows:
+            found[name] = rows
+    return found
+
+
+def load_eval_set(name: str, rows: list[dict], style: str = "instruction", grader: str = "boxed") -> list[dict]:
+    """One benchmark's examples, repeated rows collapsed (meta.repeats says how often a row occurred).
 
     Math sets: `problem` (or `question`, or chat `prompt`) and `answer` (or
     `final_answer`, or `reward_model.ground_truth`). Multiple choice: `question`,
     `choices` (or `options`; a list, or ARC's {text, label}) and `answer` (a
     letter A-J or a 0-based index); without choices the question must already
-    list the options.
+    list the options (LUFFY's layout: chat `prompt`, letter in `reward_model.ground_truth`).
+    style and grader: task.prompt and task.grader.
     """
-    path = eval_file(eval_dir, name)
-    if path is None:
-        raise ValueError(f"task.eval_sets: {name!r} not found in task.eval_dir {eval_dir!r} "
-                         f"(expected {name}.jsonl or {name}.parquet)")
-    return [_eval_example(row, name, i) for i, row in enumerate(_read_file(path, "task.eval_dir"))]
+    examples = []
+    for i, (row, repeats) in enumerate(distinct_rows(rows)):
+        example = _eval_example(row, name, i, style, grader)
+        example["meta"]["repeats"] = repeats
+        examples.append(example)
+    return examples
 
 
-def _eval_names(tcfg) -> list[str]:
-    """The requested eval sets (normalised), or the defaults present in eval_dir."""
+def _eval_names(tcfg, found: dict) -> list[str]:
+    """The requested eval sets (normalised), or every known set found in eval_dir."""
     if not tcfg.eval_sets:
-        return [n for n in EVAL_SETS if tcfg.eval_dir and eval_file(tcfg.eval_dir, n)]
+        return list(found)
     names = [str(n).lower().replace("-", "_") for n in tcfg.eval_sets]
     unknown = [n for n in names if n not in EVAL_SETS]
     if unknown:
         raise ValueError(f"task.eval_sets: unknown {', '.join(unknown)} (known: {', '.join(EVAL_SETS)})")
     if not tcfg.eval_dir:
         raise ValueError("task.eval_dir is empty; point it at the folder holding "
-                         f"{names[0]}.jsonl (--set task.eval_dir=/path/to/evals)")
+                         f"{names[0]}.jsonl or LUFFY's valid.all.parquet (--set task.eval_dir=/path/to/evals)")
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ValueError(f"task.eval_sets: {missing[0]!r} not found in task.eval_dir {tcfg.eval_dir!r} "
+                         f"(expected {missing[0]}.jsonl, {missing[0]}.parquet, or rows with data_source "
+                         f"{EVAL_SETS[missing[0]]['source']!r} in a valid.*.parquet file)")
     return names
 
 
-def build_splits(tcfg) -> dict[str, list[dict]]:
-    """train, val (the last val_size rows of the train file, held out) and the eval sets.
+def _eval_splits(tcfg) -> dict[str, list[dict]]:
+    found = available_eval_sets(tcfg.eval_dir)
+    return {name: load_eval_set(name, found[name], tcfg.prompt, tcfg.grader) for name in _eval_names(tcfg, found)}
 
-    Math prompts are always chat-style user messages, so `tcfg.format` does not change them.
-    """
-    rows = load_train(tcfg.train_path)
+
+def build_eval_splits(tcfg) -> dict[str, list[dict]]:
+    """The eval sets alone, no training file needed: those named in task.eval_sets, or all found."""
+    _check_knobs(tcfg)
+    splits = _eval_splits(tcfg)
+    if not splits:
+        raise ValueError(f"task.eval_dir {tcfg.eval_dir!r}: no eval sets found (expected LUFFY's valid.all.parquet, "
+                         "valid.arc_c.parquet, valid.gpqa.parquet, or <name>.jsonl|parquet for names in "
+                         f"{', '.join(EVAL_SETS)}); --set task.eval_dir=/path/to/folder")
+    return splits
+
+
+def build_splits(tcfg) -> dict[str, list[dict]]:
+    """train, val (the last val_size rows of the train file, held out) and the eval sets."""
+    _check_knobs(tcfg)
+    if not tcfg.train_path:
+        raise ValueError("task.train_path is empty; pass --set task.train_path=/path/to/train.parquet (or a hub "
+                         "dataset id); to evaluate without a training set: amft eval, or amft prepare --eval-only")
+    rows = load_train(tcfg.train_path, style=tcfg.prompt, grader=tcfg.grader)
     if not 0 < tcfg.val_size < len(rows):
         raise ValueError(f"task.val_size: expected 1..{len(rows) - 1} (the train file has {len(rows)} rows)")
-    splits = {"train": rows[:-tcfg.val_size], "val": rows[-tcfg.val_size:]}
-    for name in _eval_names(tcfg):
-        splits[name] = load_eval_set(name, tcfg.eval_dir)
-    return splits
+    return {"train": rows[:-tcfg.val_size], "val": rows[-tcfg.val_size:], **_eval_splits(tcfg)}
