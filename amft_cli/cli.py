@@ -1,10 +1,14 @@
 """The `amft` command: prepare, train, eval, plot, presets. Thin: parse, resolve, call one engine function.
 
-User mistakes (bad preset, key, value, path) end in one red line and exit code 2.
+User mistakes (bad preset, key, value, path) end in one red line and exit code 2; the
+exit codes are listed in report.EXIT_CODES and `amft --help`. With --json, stdout
+carries one JSON document and nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import sys
@@ -15,25 +19,88 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from amft_cli import methods
+from amft_cli import methods, report
 from amft_cli.config import Config, ConfigError, apply_overrides, field_help, list_presets, load_preset, validate
 
 # transformers' per-shard "Loading weights" bars would tear through the live dashboard
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+
+
+def _show_flags_as_flags() -> None:
+    """Show `--ood`, not `--ood <bool>`, in --help.
+
+    typer 0.29 vendors click (typer._click) and its rich help prints a type column
+    for EVERY option via TyperOption.display_type_rich, flags included; typer 0.28's
+    rich help skipped bool metavars, and typer's own plain formatter
+    (TyperOption.get_help_record) still skips `is_flag` options. A flag takes no
+    value, so it gets no type. Versions without that method are left alone.
+    """
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "flags_as_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+    display_type_rich.flags_as_flags = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_show_flags_as_flags()
+
 DEFAULT_PRESET = "tiny-math"
 console = Console()
 err_console = Console(stderr=True)
+EXIT_CODES_HELP = "\b\nExit codes:\n" + report.exit_code_table()
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
-                  help="AMFT: SFT and RL in one stage with a learned balance μ, and its baselines, in one engine.")
-plot_app = typer.Typer(help="Figures from run directories (PNG under RUN/plots/ by default).")
+                  help="AMFT: SFT and RL in one stage with a learned balance μ, and its baselines, in one engine."
+                       "\n\nExample: amft train --preset tiny-math && amft eval --ood",
+                  epilog=EXIT_CODES_HELP)
+plot_app = typer.Typer(help="Figures from run directories (PNG under RUN/plots/ by default)."
+                            "\n\nExample: amft plot curriculum runs/tiny-math")
 app.add_typer(plot_app, name="plot")
 
-PRESET = typer.Option(None, "--preset", "-p", help=f"Preset name in presets/ or a path to a TOML file "
-                      f"(default: {DEFAULT_PRESET}). `amft presets` lists them.")
-SET = typer.Option(None, "--set", "-s", help="Override a config key, e.g. --set train.lr=1e-5 (repeatable; "
-                   "type-checked). `amft presets --keys` lists every key.")
+PRESET = typer.Option(None, "--preset", "-p", metavar="NAME|FILE", help=f"Preset name in presets/ or a path to a "
+                      f"TOML file (default: {DEFAULT_PRESET}). `amft presets` lists them.")
+SET = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help="Override a config key, e.g. --set "
+                   "train.lr=1e-5 (repeatable; type-checked). `amft presets --keys` lists every key.")
 SEED = typer.Option(None, "--seed", help="Global seed (model init, data order, sampling); same as --set seed=N.")
+JSON_OUT = typer.Option(False, "--json", help="Print one JSON document of the headline results on stdout and "
+                        "nothing else there (progress and messages go to stderr).")
+FAIL_UNDER = typer.Option(None, "--fail-under", metavar="METRIC=VALUE", help="Exit with code 3 when METRIC is "
+                          "below VALUE, e.g. id.greedy=0.9 or ood.avg@8=0.1 (repeatable). METRIC is SCOPE.NAME: "
+                          "scope id, ood or a set name; name greedy, avg@k, pass@k (or avg@K/pass@K with the "
+                          "eval's K), reward, step_accuracy, route_success.")
+
+
+@contextlib.contextmanager
+def stdout_reserved(json_out: bool):
+    """With --json, stdout is kept for the one JSON document: whatever is printed
+    meanwhile (progress, tables, library chatter) goes to stderr. Yields the real stdout."""
+    real = sys.stdout
+    if not json_out:
+        yield real
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield real
+
+
+def emit_json(document: dict, stream) -> None:
+    stream.write(json.dumps(document, indent=2) + "\n")
+    stream.flush()
+
+
+def exit_on_failed_gate(rows: list[dict]) -> None:
+    """One stderr line per threshold not met, then exit code 3 (report.EXIT_BELOW_THRESHOLD)."""
+    failed = [r for r in rows if not r["ok"]]
+    for r in failed:
+        value = f"{r['value']:.4g}" if isinstance(r["value"], (int, float)) else str(r["value"])
+        err_console.print(f"[bold red]below threshold:[/] {r['metric']} = {value} < {r['minimum']:g} "
+                          f"(--fail-under {r['metric']}={r['minimum']:g})", highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(report.EXIT_BELOW_THRESHOLD)
 
 
 def resolve_config(preset: str | None, overrides: list[str] | None, seed: int | None = None,
@@ -65,7 +132,10 @@ def default_run_dir(preset: str | None, cfg: Config, algo: str | None, seed: int
 
 @app.command()
 def presets(keys: bool = typer.Option(False, "--keys", help="List every config key with its documentation.")):
-    """List the presets with one-line descriptions (or every config key)."""
+    """List the presets with one-line descriptions (or every config key).
+
+    Example: amft presets --keys
+    """
     from rich.table import Table
 
     table = Table("key" if keys else "preset", "what it is / does", show_lines=False)
@@ -80,7 +150,10 @@ def prepare(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET
             force: bool = typer.Option(False, "--force", help="Rebuild data and tiny model even if present."),
             eval_only: bool = typer.Option(False, "--eval-only", help="Only the evaluation splits (math: no training "
                                            "set needed); `amft eval` does this by itself.")):
-    """Generate the task's data splits (and build the tiny model for CPU presets)."""
+    """Generate the task's data splits (and build the tiny model for CPU presets).
+
+    Example: amft prepare --preset tiny-gp
+    """
     from amft_cli.data import prepare as prepare_data
 
     cfg = resolve_config(preset, overrides, seed)
@@ -88,7 +161,36 @@ def prepare(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET
         prepare_data(cfg, force=force, log=console.print, eval_only=eval_only)
 
 
-@app.command()
+def _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwrite) -> tuple[Config, Path]:
+    """(config, run directory) of `amft train`; an existing run is replaced only with --overwrite."""
+    if resume is not None:
+        if not (resume / "config.toml").is_file():
+            raise ConfigError(f"--resume {resume}: no config.toml there — is it a run directory?")
+        return resolve_config(str(resume / "config.toml"), overrides, seed, algo, steps), resume
+    cfg = resolve_config(preset, overrides, seed, algo, steps)
+    out = run_dir or default_run_dir(preset, cfg, algo, seed)
+    if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
+        if not overwrite:
+            raise ConfigError(f"{out} already holds a run: --resume {out} continues it, --overwrite replaces "
+                              f"it, --run-dir picks another directory")
+        shutil.rmtree(out)
+    return cfg, out
+
+
+def train_document(cfg: Config, out: Path, result) -> dict:
+    """The JSON of `amft train --json`: where the run is, and its before/after headline on unseen ID examples."""
+    from amft_cli import rundir
+
+    saved = rundir.checkpoints(out)
+    summary = {k: {"id": report.headline(v)} for k, v in result.summary.items() if k in ("before", "after")}
+    return {"command": "train", "preset": cfg.preset or None, "task": cfg.task.name, "algo": cfg.train.algo,
+            "seed": cfg.seed, "run": str(out), "model": str(saved[max(saved)]) if saved else None,
+            "step": result.steps, "interrupted": result.interrupted,
+            **report.run_totals(rundir.read_metrics(out) if result.steps else []),
+            "metrics": summary.get("after", {}), "before": summary.get("before", {})}
+
+
+@app.command(epilog=EXIT_CODES_HELP)
 def train(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET, seed: Optional[int] = SEED,
           algo: Optional[str] = typer.Option(None, "--algo", help=f"{' | '.join(methods.names())} (train.algo; "
                                              "each method's knobs are the config section of its name)."),
@@ -96,44 +198,58 @@ def train(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET, 
           run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/<preset>[-<algo>][-s<seed>])."),
           resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
           overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in the run directory."),
-          live: Optional[bool] = typer.Option(None, "--live/--plain", help="Force the live dashboard or plain log lines (default: live on a terminal).")):
-    """Train with the preset's algo (default: AMFT on tiny-math, CPU, a few minutes)."""
-    if resume is not None:
-        if not (resume / "config.toml").is_file():
-            raise ConfigError(f"--resume {resume}: no config.toml there — is it a run directory?")
-        cfg, out = resolve_config(str(resume / "config.toml"), overrides, seed, algo, steps), resume
-    else:
-        cfg = resolve_config(preset, overrides, seed, algo, steps)
-        out = run_dir or default_run_dir(preset, cfg, algo, seed)
-        if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
-            if not overwrite:
-                raise ConfigError(f"{out} already holds a run: --resume {out} continues it, --overwrite replaces "
-                                  f"it, --run-dir picks another directory")
-            shutil.rmtree(out)
+          live: Optional[bool] = typer.Option(None, "--live/--plain", help="Force the live dashboard or plain log lines (default: live on a terminal)."),
+          json_out: bool = JSON_OUT):
+    """Train with the preset's algo (default: AMFT on tiny-math, CPU, a few minutes).
+
+    Example: amft train --preset tiny-gp --algo sft --seed 1 --steps 600
+    """
+    cfg, out = _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwrite)
     # imported only now so that config mistakes are reported without loading torch (~3 s)
     from amft_cli.dashboard import Dashboard
     from amft_cli.data import is_prepared, prepare as prepare_data
     from amft_cli.train import train as run_training
 
-    if not is_prepared(cfg):
-        console.print(f"[dim]data or model for {cfg.task.name} missing: preparing first[/]")
-        prepare_data(cfg, log=console.print)
-    info = {"run": str(out), "preset": preset_name(preset), "algo": cfg.train.algo}
-    with Dashboard("amft-cli train", info, cfg.train.steps, cfg.train.log_every, live=live) as dash:
-        result = run_training(cfg, out, resume=resume is not None, on_metrics=dash.update, on_message=dash.message)
-    summary = result.summary
-    if "before" in summary and "after" in summary:
-        b, a = summary["before"], summary["after"]
-        console.print(f"[bold]{a['label']} on {a['n']} unseen ID test examples: "
-                      f"untrained {b['value']:.1%} → trained {a['value']:.1%}[/]")
-    console.print(f"run directory: {out}  (next: amft eval --run {out} --ood ; amft plot curriculum {out})")
+    with stdout_reserved(json_out) as stdout:
+        if not is_prepared(cfg):
+            console.print(f"[dim]data or model for {cfg.task.name} missing: preparing first[/]")
+            prepare_data(cfg, log=console.print)
+        info = {"run": str(out), "preset": cfg.preset, "algo": cfg.train.algo}
+        with Dashboard("amft-cli train", info, cfg.train.steps, cfg.train.log_every, live=live) as dash:
+            result = run_training(cfg, out, resume=resume is not None, on_metrics=dash.update, on_message=dash.message)
+        summary = result.summary
+        if "before" in summary and "after" in summary:
+            b, a = summary["before"], summary["after"]
+            console.print(f"[bold]{a['label']} on {a['n']} unseen ID test examples: "
+                          f"untrained {b['value']:.1%} → trained {a['value']:.1%}[/]")
+        console.print(f"run directory: {out}  (next: amft eval --run {out} --ood ; amft plot curriculum {out})")
+    if json_out:
+        emit_json(train_document(cfg, out, result), stdout)
     if result.interrupted:
-        raise typer.Exit(130)
+        raise typer.Exit(report.EXIT_INTERRUPTED)
 
 
-@app.command("eval")
+def _eval_target(run: Path | None, model: Path | None, preset: str | None, overrides: list[str] | None,
+                 step: int | None, out: Path | None) -> tuple[Config, Path, Path | None, Path]:
+    """(config, model folder, run directory or None, output folder) of `amft eval`."""
+    from amft_cli import rundir
+
+    if model is not None:
+        if run is not None:
+            raise ConfigError("--run and --model: give one (a run directory, or a model folder with --preset)")
+        cfg = resolve_config(preset, overrides)
+        return cfg, model, None, out or rundir.model_eval_dir(model, cfg.preset)
+    if run is None:
+        run = rundir.latest_run()
+        console.print(f"[dim]using the most recent run: {run}[/]")
+    cfg = validate(apply_overrides(rundir.read_config(run), list(overrides or [])))
+    return cfg, rundir.resolve_checkpoint(run, step), run, out or rundir.eval_dir(run)
+
+
+@app.command("eval", epilog=EXIT_CODES_HELP)
 def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: the most recent under runs/)."),
-             model: Optional[Path] = typer.Option(None, "--model", help="Evaluate any model folder instead of a run (task from --preset)."),
+             model: Optional[Path] = typer.Option(None, "--model", help="Evaluate any model folder instead of a run (task from --preset); "
+                                                  "results go to runs/eval-<preset>-<folder name>/eval/, never into the model folder."),
              preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET,
              step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: the latest)."),
              split: str = typer.Option("id", "--split", help="id | ood | all."),
@@ -144,29 +260,41 @@ def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run directo
              greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding only (no samples)."),
              max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Completion length cap (eval.max_new_tokens)."),
              limit: Optional[int] = typer.Option(None, "--limit", help="First N examples of each split (eval.limit)."),
-             batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Completions generated together (eval.batch_size).")):
-    """avg@k, pass@k and greedy accuracy on ID (and OOD) test splits; writes RUN/eval/<split>.json."""
+             batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Completions generated together (eval.batch_size)."),
+             out: Optional[Path] = typer.Option(None, "--out", help="Folder for <split>.json and <split>.samples.jsonl "
+                                                "(default RUN/eval, or runs/eval-<preset>-<model>/eval with --model)."),
+             json_out: bool = JSON_OUT, fail_under: Optional[List[str]] = FAIL_UNDER):
+    """avg@k, pass@k and greedy accuracy on ID (and OOD) test splits; writes <split>.json per split.
+
+    Example: amft eval --run runs/tiny-math --ood --json --fail-under id.greedy=0.9
+    """
     from amft_cli import evaluate, rundir
 
-    if split not in ("id", "ood", "all"):
+    thresholds = [report.parse_threshold(spec) for spec in fail_under or []]
+    if split not in evaluate.SPLIT_CHOICES:
         raise ConfigError(f"--split {split!r}: expected id, ood or all")
     which = "all" if ood else split
-    if model is not None:
-        cfg, model_path, out = resolve_config(preset, overrides), model, model / "eval"
-    else:
-        if run is None:
-            run = rundir.latest_run()
-            console.print(f"[dim]using the most recent run: {run}[/]")
-        cfg = validate(apply_overrides(rundir.read_config(run), list(overrides or [])))
-        model_path, out = rundir.resolve_checkpoint(run, step), run / "eval"
+    cfg, model_path, run, out = _eval_target(run, model, preset, overrides, step, out)
+    report.check_plan(thresholds, evaluate.eval_plan(cfg, which, k, greedy, on_disk=False),
+                      list(evaluate.eval_plan(cfg, "all", on_disk=False)))
     e = cfg.eval
-    results = evaluate.run_eval(
-        cfg, model_path, out, which, k=k, temperature=e.temperature if temperature is None else temperature,
-        top_p=top_p or e.top_p, greedy_only=greedy, max_new_tokens=max_new_tokens or e.max_new_tokens,
-        limit=e.limit if limit is None else limit, batch_size=batch_size or e.batch_size, seed=cfg.seed,
-        log=console.print)
-    console.print(evaluate.results_table(results))
-    console.print(f"[dim]wrote {out}/<split>.json and <split>.samples.jsonl[/]")
+    with stdout_reserved(json_out) as stdout:
+        results = evaluate.run_eval(
+            cfg, model_path, out, which, k=k, temperature=e.temperature if temperature is None else temperature,
+            top_p=top_p or e.top_p, greedy_only=greedy, max_new_tokens=max_new_tokens or e.max_new_tokens,
+            limit=e.limit if limit is None else limit, batch_size=batch_size or e.batch_size, seed=cfg.seed,
+            log=console.print)
+        console.print(evaluate.results_table(results))
+        files = [str(f) for split_name in results for f in rundir.split_files(out, split_name)]
+        console.print(f"[dim]wrote {', '.join(files)}[/]", highlight=False)
+    blocks = report.eval_blocks(results)
+    gate = report.gate(thresholds, blocks)
+    if json_out:
+        emit_json({"command": "eval", "preset": cfg.preset or None, "task": cfg.task.name,
+                   "algo": cfg.train.algo if run is not None else None, "run": str(run) if run else None,
+                   "model": str(model_path), "step": rundir.checkpoint_step(model_path), "out": str(out),
+                   **blocks, "thresholds": gate, "files": files}, stdout)
+    exit_on_failed_gate(gate)
 
 
 def _plot_run(run: Path | None) -> Path:
@@ -185,7 +313,10 @@ FMT = typer.Option("png", "--format", help="png | svg | pdf.")
 @plot_app.command("curriculum")
 def plot_curriculum(run: Optional[Path] = typer.Argument(None, help="Run directory (default: most recent)."),
                     out: Optional[Path] = OUT, fmt: str = FMT):
-    """μ, reward/accuracy and entropy vs step; warm-up shaded, meta-updates marked, H* drawn."""
+    """μ, reward/accuracy and entropy vs step; warm-up shaded, meta-updates marked, H* drawn.
+
+    Example: amft plot curriculum runs/tiny-math --format svg
+    """
     from amft_cli import plot
 
     console.print(f"wrote {plot.curriculum(_plot_run(run), out=out, fmt=fmt)}")
@@ -194,7 +325,10 @@ def plot_curriculum(run: Optional[Path] = typer.Argument(None, help="Run directo
 @plot_app.command("compare")
 def plot_compare(runs: List[Path] = typer.Argument(..., help="Run directories to overlay."),
                  out: Optional[Path] = OUT, fmt: str = FMT):
-    """Training curves of several runs overlaid, plus ID-vs-OOD bars when they have eval results."""
+    """Training curves of several runs overlaid, plus ID-vs-OOD bars when they have eval results.
+
+    Example: amft plot compare runs/tiny-gp runs/tiny-gp-sft runs/tiny-gp-rl
+    """
     from amft_cli import plot
 
     for path in plot.compare(runs, out=out, fmt=fmt):
@@ -204,7 +338,10 @@ def plot_compare(runs: List[Path] = typer.Argument(..., help="Run directories to
 @plot_app.command("eval")
 def plot_eval(runs: List[Path] = typer.Argument(..., help="Run directories with eval results."),
               out: Optional[Path] = OUT, fmt: str = FMT):
-    """A table figure of the runs' eval metrics."""
+    """A table figure of the runs' eval metrics.
+
+    Example: amft plot eval runs/tiny-gp runs/tiny-gp-sft
+    """
     from amft_cli import plot
 
     console.print(f"wrote {plot.eval_table(runs, out=out, fmt=fmt)}")

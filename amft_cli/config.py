@@ -153,6 +153,8 @@ class EvalConfig:
 @dataclass
 class Config:
     description: str = knob("", "One line shown by `amft presets`.")
+    preset: str = knob("", "Preset the config came from; loading a TOML file without this key fills in the "
+                       "file's stem. A run's config.toml keeps it, for `--json` reports.")
     seed: int = knob(0, "Seed of model init, data order and sampling.")
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -315,6 +317,7 @@ def load_preset(name_or_path: str) -> Config:
             data = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    data.setdefault("preset", path.stem)
     return from_dict(data, str(path))
 
 

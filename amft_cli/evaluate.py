@@ -30,6 +30,7 @@ from rich.table import Table
 
 from amft_cli.config import Config
 from amft_cli.data import load_split, prepare
+from amft_cli.rundir import split_files
 from amft_cli.tasks import get_task
 from amft_cli.tasks.base import read_jsonl, write_jsonl
 
@@ -193,6 +194,20 @@ def default_k(task, split: str, fallback: int) -> int:
     return int(spec.get("default_k") or fallback)
 
 
+def eval_plan(cfg: Config, which: str, k: int | None = None, greedy_only: bool = False,
+              on_disk: bool = True) -> dict[str, dict]:
+    """split -> {"ood": bool, "k": samples per example} of what an eval of `which` will run.
+
+    k None means each set's default k (math) or cfg.eval.k; greedy_only makes k 0.
+    on_disk: only sets present in task.data_dir (see splits_for); False plans every
+    set the task has, as before `amft prepare` wrote them.
+    """
+    task = get_task(cfg.task.name)
+    return {split: {"ood": is_ood(task, split),
+                    "k": 0 if greedy_only else (k or default_k(task, split, cfg.eval.k))}
+            for split in splits_for(task, which, cfg.task.data_dir if on_disk else None)}
+
+
 # ---------------------------------------------------------------------------
 # the whole eval, with a model
 
@@ -245,12 +260,12 @@ def run_eval(cfg: Config, model_path: str | Path, out_dir: str | Path, which: st
     model_path = _check_model_path(model_path)
     task = get_task(cfg.task.name)
     prepare(cfg, log=log, eval_only=True)  # a no-op when the eval splits are there and current
-    splits = splits_for(task, which, cfg.task.data_dir)
-    if not splits:
+    plan = eval_plan(cfg, which, k, greedy_only)
+    if not plan:
         raise EvalError(f"{cfg.task.data_dir}: no {which} eval sets of task {cfg.task.name} found — run `amft prepare`")
     s = eval_settings(cfg, seed, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                   limit=limit, batch_size=batch_size)
-    sets = {split: load_split(cfg, split) for split in splits}
+    sets = {split: load_split(cfg, split) for split in plan}
     data = {split: examples[:s["limit"]] if s["limit"] > 0 else examples for split, examples in sets.items()}
     model, tokenizer = _load_model(cfg, model_path)
 
@@ -259,17 +274,18 @@ def run_eval(cfg: Config, model_path: str | Path, out_dir: str | Path, which: st
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, disable=not progress) as bar:
         for split, examples in data.items():
-            split_k = 0 if greedy_only else (k or default_k(task, split, cfg.eval.k))
+            split_k = plan[split]["k"]
             total = None if hasattr(task, "evaluate_episodes") else len(examples) * (split_k + 1)
             bar_id = bar.add_task(f"{split} ({len(examples)} examples, k={split_k})", total=total)
             generate_fn = generate_fn_for(model, tokenizer, cfg, s, lambda n, b=bar_id: bar.advance(b, n))
             metrics, rows = evaluate_split(task, examples, generate_fn, k=split_k)
-            metrics["ood"] = is_ood(task, split)
+            metrics["ood"] = plan[split]["ood"]
             record = {"split": split, "task": cfg.task.name, "checkpoint": model_path, "set_size": len(sets[split]),
                       "settings": {**s, "k": split_k, "greedy_only": greedy_only}, "metrics": metrics}
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / f"{split}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-            write_jsonl(out_dir / f"{split}.samples.jsonl", rows)
+            scores_file, samples_file = split_files(out_dir, split)
+            scores_file.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+            write_jsonl(samples_file, rows)
             results[split] = metrics
     return results
 

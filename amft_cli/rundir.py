@@ -106,14 +106,34 @@ def eval_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "eval"
 
 
+def split_files(out_dir: Path, split: str) -> tuple[Path, Path]:
+    """(<split>.json, <split>.samples.jsonl) in an eval folder: scores and settings, and one row per completion."""
+    return Path(out_dir) / f"{split}.json", Path(out_dir) / f"{split}.samples.jsonl"
+
+
 def eval_path(run_dir: Path, split: str) -> Path:
     """eval/<split>.json: metrics, settings and checkpoint of one split's eval."""
-    return eval_dir(run_dir) / f"{split}.json"
+    return split_files(eval_dir(run_dir), split)[0]
+
+
+def model_eval_dir(model: str | Path, preset: str, runs_root: Path = Path("runs")) -> Path:
+    """Where `amft eval --model M` writes: runs/eval-<preset>-<model folder name>/eval/.
+
+    Never inside the model folder, which may be shared, read-only or a hub cache.
+    """
+    name = Path(str(model).rstrip("/")).name or "model"
+    return eval_dir(Path(runs_root) / f"eval-{preset}-{name}")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """N of a .../checkpoints/step-N folder; None for any other folder."""
+    match = CHECKPOINT_DIR.match(Path(path).name)
+    return int(match.group(1)) if match else None
 
 
 def samples_path(run_dir: Path, split: str) -> Path:
     """eval/<split>.samples.jsonl: one row per generated completion."""
-    return eval_dir(run_dir) / f"{split}.samples.jsonl"
+    return split_files(eval_dir(run_dir), split)[1]
 
 
 def plots_dir(run_dir: Path) -> Path:
