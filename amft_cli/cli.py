@@ -204,13 +204,13 @@ def train(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET, 
 
     Example: amft train --preset tiny-gp --algo sft --seed 1 --steps 600
     """
-    cfg, out = _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwrite)
-    # imported only now so that config mistakes are reported without loading torch (~3 s)
-    from amft_cli.dashboard import Dashboard
-    from amft_cli.data import is_prepared, prepare as prepare_data
-    from amft_cli.train import train as run_training
-
     with stdout_reserved(json_out) as stdout:
+        cfg, out = _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwrite)
+        # imported only now so that config mistakes are reported without loading torch (~3 s)
+        from amft_cli.dashboard import Dashboard
+        from amft_cli.data import is_prepared, prepare as prepare_data
+        from amft_cli.train import train as run_training
+
         if not is_prepared(cfg):
             console.print(f"[dim]data or model for {cfg.task.name} missing: preparing first[/]")
             prepare_data(cfg, log=console.print)
@@ -223,8 +223,8 @@ def train(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET, 
             console.print(f"[bold]{a['label']} on {a['n']} unseen ID test examples: "
                           f"untrained {b['value']:.1%} → trained {a['value']:.1%}[/]")
         console.print(f"run directory: {out}  (next: amft eval --run {out} --ood ; amft plot curriculum {out})")
-    if json_out:
-        emit_json(train_document(cfg, out, result), stdout)
+        if json_out:
+            emit_json(train_document(cfg, out, result), stdout)
     if result.interrupted:
         raise typer.Exit(report.EXIT_INTERRUPTED)
 
@@ -274,11 +274,11 @@ def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run directo
     if split not in evaluate.SPLIT_CHOICES:
         raise ConfigError(f"--split {split!r}: expected id, ood or all")
     which = "all" if ood else split
-    cfg, model_path, run, out = _eval_target(run, model, preset, overrides, step, out)
-    report.check_plan(thresholds, evaluate.eval_plan(cfg, which, k, greedy, on_disk=False),
-                      list(evaluate.eval_plan(cfg, "all", on_disk=False)))
-    e = cfg.eval
     with stdout_reserved(json_out) as stdout:
+        cfg, model_path, run, out = _eval_target(run, model, preset, overrides, step, out)
+        report.check_plan(thresholds, evaluate.eval_plan(cfg, which, k, greedy, on_disk=False),
+                          list(evaluate.eval_plan(cfg, "all", on_disk=False)))
+        e = cfg.eval
         results = evaluate.run_eval(
             cfg, model_path, out, which, k=k, temperature=e.temperature if temperature is None else temperature,
             top_p=top_p or e.top_p, greedy_only=greedy, max_new_tokens=max_new_tokens or e.max_new_tokens,
@@ -287,13 +287,13 @@ def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run directo
         console.print(evaluate.results_table(results))
         files = [str(f) for split_name in results for f in rundir.split_files(out, split_name)]
         console.print(f"[dim]wrote {', '.join(files)}[/]", highlight=False)
-    blocks = report.eval_blocks(results)
-    gate = report.gate(thresholds, blocks)
-    if json_out:
-        emit_json({"command": "eval", "preset": cfg.preset or None, "task": cfg.task.name,
-                   "algo": cfg.train.algo if run is not None else None, "run": str(run) if run else None,
-                   "model": str(model_path), "step": rundir.checkpoint_step(model_path), "out": str(out),
-                   **blocks, "thresholds": gate, "files": files}, stdout)
+        blocks = report.eval_blocks(results)
+        gate = report.gate(thresholds, blocks)
+        if json_out:
+            emit_json({"command": "eval", "preset": cfg.preset or None, "task": cfg.task.name,
+                       "algo": cfg.train.algo if run is not None else None, "run": str(run) if run else None,
+                       "model": str(model_path), "step": rundir.checkpoint_step(model_path), "out": str(out),
+                       **blocks, "thresholds": gate, "files": files}, stdout)
     exit_on_failed_gate(gate)
 
 

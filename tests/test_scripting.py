@@ -59,10 +59,11 @@ def test_train_json_reports_the_run(trained):
 
 def test_eval_json_and_fail_under(trained):
     work, _ = trained
-    result = amft("eval", "--run", "runs/r", "--ood", "--json", "--fail-under", "id.greedy=0",
+    result = amft("eval", "--ood", "--json", "--fail-under", "id.greedy=0",  # the latest run: runs/r
                   "--fail-under", "ood.pass@2=1.5", cwd=work)
     assert result.returncode == report.EXIT_BELOW_THRESHOLD, result.stderr
     doc = json.loads(result.stdout)
+    assert "using the most recent run: runs/r" in result.stderr
     scores = {s: json.loads((work / "runs/r/eval" / f"{s}.json").read_text())["metrics"] for s in ("test", "ood")}
     assert doc["metrics"]["id"] == {"n": 8, "k": 2, "greedy": scores["test"]["greedy_accuracy"],
                                     "avg@k": scores["test"]["avg@k"], "pass@k": scores["test"]["pass@k"],
