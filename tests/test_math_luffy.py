@@ -230,7 +230,7 @@ def test_amft_eval_on_luffy_files_without_a_training_set(luffy_dir, tmp_path):
     result = subprocess.run([str(Path(sys.executable).parent / "amft"), *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    out = model / "eval"
+    out = tmp_path / "runs" / "eval-math-qwen2.5-model" / "eval"  # never inside the model folder
     sets = ["math500", "aime24", "aime25", "amc23", "minerva", "olympiadbench", "arc_c", "gpqa_diamond"]
     records = {s: json.loads((out / f"{s}.json").read_text()) for s in sets}
     assert {s: r["set_size"] for s, r in records.items()} == {"math500": 3, "aime24": 2, "aime25": 1, "amc23": 2,
