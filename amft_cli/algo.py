@@ -23,6 +23,8 @@ Where this departs from the AMFT paper and the authors' code:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # ---------------------------------------------------------------------------
@@ -73,10 +75,13 @@ def aggregate(loss_tokens: torch.Tensor, mask: torch.Tensor, mode: str = "token-
 # losses
 
 
-def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:
+def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor, num_tokens: float | None = None,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
     """Token-mean negative log-likelihood of demonstrations. logprobs, mask (B, T) -> scalar.
-    num_tokens: the whole batch's token count when this is one micro-batch of it."""
-    return aggregate(-logprobs, mask, "token-mean", num_tokens)
+    num_tokens: the whole batch's token count when this is one micro-batch of it.
+    weights (B, T), optional: per-token weights w (held constant): token-mean of −w·log p."""
+    nll = -logprobs if weights is None else -weights.detach() * logprobs
+    return aggregate(nll, mask, "token-mean", num_tokens)
 
 
 def group_advantages(rewards: torch.Tensor, group: torch.Tensor | list[int], scale_by_std: bool = True,
@@ -106,26 +111,36 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(r) - r - 1.0
 
 
+def ppo_tokens(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+               clip_eps: float = 0.2, clip_eps_high: float = 0.0,
+               clip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO surrogate loss and where clipping bit. logprobs, old_logprobs (B, T);
+    advantages (B,). max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε_high)), ρ = exp(logπ − logπ_old);
+    ε_high = ε unless set (DAPO's clip-higher). clip=False: −A·ρ. Returns (B, T) each."""
+    eps_high = clip_eps_high or clip_eps
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages.unsqueeze(-1)
+    unclipped = -adv * ratio
+    if not clip:
+        return unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, clip_eps: float = 0.2, clip_eps_high: float = 0.0,
                 loss_agg: str = "token-mean", ref_logprobs: torch.Tensor | None = None,
                 kl_beta: float = 0.0, num_tokens: float | None = None,
                 num_seqs: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO-clipped policy-gradient loss of GRPO.
+    """PPO-clipped policy-gradient loss of GRPO (`ppo_tokens`), aggregated.
 
     logprobs, old_logprobs, mask (B, T); advantages (B,) broadcast over tokens.
-    Per token: max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε_high)), ρ = exp(logπ − logπ_old);
-    ε_high = ε unless set (DAPO's clip-higher). Plus β·KL_k3 when β > 0.
+    Plus β·KL_k3 per token when β > 0.
     num_tokens / num_seqs: whole-batch normalisers for a micro-batch (see `aggregate`).
     Returns (scalar loss, stats: clip_frac, kl).
     """
-    eps_high = clip_eps_high or clip_eps
-    ratio = torch.exp(logprobs - old_logprobs)
-    adv = advantages.unsqueeze(-1)
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high)
-    loss_tokens = torch.maximum(unclipped, clipped)
-    stats = {"clip_frac": masked_mean((clipped > unclipped).float(), mask).item()}
+    loss_tokens, clipped = ppo_tokens(logprobs, old_logprobs, advantages, clip_eps, clip_eps_high)
+    stats = {"clip_frac": masked_mean(clipped.float(), mask).item()}
     if ref_logprobs is not None and kl_beta > 0:
         kl = kl_k3(logprobs, ref_logprobs)
         loss_tokens = loss_tokens + kl_beta * kl
@@ -198,3 +213,41 @@ def flatten_grads(grads: list[torch.Tensor | None], params: list[torch.Tensor]) 
     """Concatenate per-parameter gradients into one (P,) vector; None counts as zeros."""
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
                       for g, p in zip(grads, params)])
+
+
+# ---------------------------------------------------------------------------
+# the baselines' rules (methods/<name>.py says where each comes from)
+
+
+def chord_mu(step: int, warmup_steps: int, decay_steps: int, mu_peak: float, mu_valley: float) -> float:
+    """CHORD's μ at 0-based `step`: 0 → μ_peak linearly over W = warmup_steps, then a half
+    cosine from μ_peak down to μ_valley over D = decay_steps, then μ_valley."""
+    if step < warmup_steps:
+        return step / warmup_steps * mu_peak
+    if step >= warmup_steps + decay_steps:
+        return mu_valley
+    return (mu_peak - mu_valley) * 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / decay_steps)) + mu_valley
+
+
+def chord_phi(logprobs: torch.Tensor) -> torch.Tensor:
+    """CHORD's token weight φ = p(1 − p), p = exp(log p), held constant. (B, T) -> (B, T).
+    Largest (1/4) at p = ½: tokens the policy already predicts surely, or finds very unlikely,
+    count less."""
+    p = logprobs.detach().exp()
+    return p * (1.0 - p)
+
+
+def off_policy_tokens(logprobs: torch.Tensor, advantages: torch.Tensor, gamma: float | None) -> torch.Tensor:
+    """Per-token loss −A·f(π_θ) on a demonstration whose behaviour probability is taken as 1
+    (no ratio, no clip). LUFFY: f(p) = p/(p + γ), which keeps gradients alive on unlikely
+    tokens; gamma None: f(p) = p (SRFT). logprobs (B, T), advantages (B,) -> (B, T)."""
+    p = logprobs.exp()
+    shaped = p if gamma is None else p / (p + gamma)
+    return -advantages.unsqueeze(-1) * shaped
+
+
+def length_normalised_sum(loss_tokens: torch.Tensor, mask: torch.Tensor, length: float) -> torch.Tensor:
+    """Σ over every masked token of the batch / a fixed length (LUFFY's `loss_remove_token_mean`:
+    verl pads responses to the maximum response length and divides by it). (B, T) -> scalar."""
+    return (loss_tokens * mask).sum() / length
+

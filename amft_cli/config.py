@@ -141,6 +141,41 @@ class AMFTConfig:
 
 
 @dataclass
+class CHORDConfig:
+    mu_warmup_steps: int = knob(200, "W: μ rises linearly from 0 to mu_peak over W steps. Trinity-RFT's CHORD example: 200.")
+    mu_decay_steps: int = knob(400, "D: μ then falls from mu_peak to mu_valley along a half cosine over D steps. Example: 400.")
+    mu_peak: float = knob(0.5, "Highest μ (weight of the expert SFT loss). Example: 0.5; the CHORD-µ variant 0.9.")
+    mu_valley: float = knob(0.02, "μ after W + D steps. Example: 0.02; the CHORD-µ variant 0.05.")
+    phi: bool = knob(True, "Weight each expert token's NLL by φ = p(1−p) (CHORD-φ); false = plain NLL (CHORD-µ).")
+    expert_ratio: float = knob(0.2, "Expert demonstrations as a fraction of all sequences of a step (the rest are "
+                               "prompts_per_step × group_size rollouts). Trinity-RFT's example: 0.2.")
+
+
+@dataclass
+class LUFFYConfig:
+    gamma: float = knob(0.1, "γ of the off-policy shaping f(p) = p/(p+γ) (LUFFY's off_policy_reshape p_div_p_0.1).")
+    scale_adv_by_std: bool = knob(False, "Divide group advantages by the group std. LUFFY's script: false "
+                                  "(algorithm.grpo_use_std=False): A = r − mean over the 8 rows, demo included.")
+    clip: bool = knob(False, "PPO-clip the on-policy tokens. LUFFY's script: false (loss_remove_clip=True).")
+    token_mean: bool = knob(False, "Token-mean aggregation. LUFFY's script: false (loss_remove_token_mean=True): "
+                            "the sum over all tokens divided by the padded response length (rl.max_new_tokens).")
+    entropy_coeff: float = knob(0.001, "Entropy bonus coefficient on all response tokens. LUFFY's script: 0.001.")
+
+
+@dataclass
+class ReLIFTConfig:
+    sft_data_size: int = knob(32, "Buffered demonstrations of hardest prompts per SFT update; the update runs once "
+                              "the buffer holds this many. ReLIFT's config default: 32 (its 7B script: 128).")
+    lr: float = knob(1e-6, "Learning rate of ReLIFT's own SFT AdamW (constant). ReLIFT: 1e-6 (7B models).")
+    weight_decay: float = knob(0.01, "Weight decay of that AdamW. ReLIFT (verl's default): 1e-2.")
+    grad_clip: float = knob(1.0, "Gradient-norm clip of the SFT update. ReLIFT: 1.0.")
+    entropy_coeff: float = knob(0.001, "The SFT loss is NLL − entropy_coeff·entropy. ReLIFT: 0.001.")
+    format_failures: list = knob(["malformed"], "Verifier statuses that keep a group out of the buffer: ReLIFT "
+                                 "buffers a prompt when every rollout scored the plain failure reward, so format "
+                                 "failures (scored lower) do not count. [] = any all-failed group counts.")
+
+
+@dataclass
 class EvalConfig:
     k: int = knob(8, "Samples per prompt for avg@k / pass@k.")
     temperature: float = knob(0.6, "Sampling temperature for avg@k (DESIGN §5: 0.6).")
@@ -163,12 +198,16 @@ class Config:
     sft_rl: SFTRLConfig = field(default_factory=SFTRLConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     amft: AMFTConfig = field(default_factory=AMFTConfig)
+    chord: CHORDConfig = field(default_factory=CHORDConfig)
+    luffy: LUFFYConfig = field(default_factory=LUFFYConfig)
+    relift: ReLIFTConfig = field(default_factory=ReLIFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # one section per method that has knobs, named as its module in amft_cli/methods/
 SECTIONS = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig, "rl": RLConfig,
-            "sft_rl": SFTRLConfig, "mix": MixConfig, "amft": AMFTConfig, "eval": EvalConfig}
+            "sft_rl": SFTRLConfig, "mix": MixConfig, "amft": AMFTConfig, "chord": CHORDConfig,
+            "luffy": LUFFYConfig, "relift": ReLIFTConfig, "eval": EvalConfig}
 
 
 # ---------------------------------------------------------------------------
@@ -196,6 +235,13 @@ def validate(cfg: Config) -> Config:
         (cfg.amft.utility in ("reward", "nll"), "amft.utility", "reward or nll"),
         (cfg.amft.meta_grad_norm in ("cosine", "raw"), "amft.meta_grad_norm", "cosine or raw"),
         (cfg.amft.meta_every >= 1, "amft.meta_every", "an integer >= 1"),
+        (0 <= cfg.chord.mu_valley <= cfg.chord.mu_peak <= 1, "chord.mu_valley/mu_peak", "0 <= mu_valley <= mu_peak <= 1"),
+        (cfg.chord.mu_warmup_steps >= 1 and cfg.chord.mu_decay_steps >= 1, "chord.mu_warmup_steps/mu_decay_steps",
+         "integers >= 1"),
+        (0 < cfg.chord.expert_ratio < 1, "chord.expert_ratio", "a fraction in (0, 1)"),
+        (cfg.luffy.gamma > 0, "luffy.gamma", "a positive float"),
+        (cfg.relift.sft_data_size >= 1, "relift.sft_data_size", "an integer >= 1"),
+        (cfg.relift.lr > 0, "relift.lr", "a positive float"),
         (cfg.model.init in ("pretrained", "tiny"), "model.init", "pretrained or tiny"),
         (cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32, bfloat16 or float16"),
         (cfg.eval.k >= 1, "eval.k", "an integer >= 1"),

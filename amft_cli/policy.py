@@ -129,10 +129,11 @@ def shared_prompt_logits(model, prompts: list[list[int]], completions: list[list
 
 def sequence_logprobs(policy: Policy, prompts: list[list[int]], completions: list[list[int]],
                       grad: bool = True, model: torch.nn.Module | None = None,
-                      group: list[int] | None = None):
-    """Token log-probs, detached entropies and the completion mask, all (B, T) and aligned.
+                      group: list[int] | None = None, entropy_grad: bool = False):
+    """Token log-probs, entropies and the completion mask, all (B, T) and aligned.
     group: a group id per row (rows of a group share one prompt and are contiguous, as in
-    Rollouts.group); each group's prompt then runs once. None: every row is packed whole."""
+    Rollouts.group); each group's prompt then runs once. None: every row is packed whole.
+    entropy_grad: keep the entropies in the graph (for an entropy bonus); else detached."""
     model = model or policy.model
     with torch.set_grad_enabled(grad), policy.compute():
         if group is not None:
@@ -144,12 +145,15 @@ def sequence_logprobs(policy: Policy, prompts: list[list[int]], completions: lis
             ids, attention, targets, mask = pack(prompts, completions, policy.tokenizer.pad_token_id, policy.device)
             logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
         logprobs = algo.token_logprobs(logits, targets)
-    with torch.no_grad():
-        entropy = algo.token_entropy(logits.detach())
+        entropy = algo.token_entropy(logits) if entropy_grad and grad else None
+    if entropy is None:
+        with torch.no_grad():
+            entropy = algo.token_entropy(logits.detach())
     return logprobs, entropy, mask
 
 
-ChunkLoss = Callable[[torch.Tensor, torch.Tensor, slice], tuple[torch.Tensor, dict]]
+# (logprobs, mask, rows, entropy) of one micro-batch -> (loss, stats)
+ChunkLoss = Callable[[torch.Tensor, torch.Tensor, slice, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
 def chunk_rows(group: list[int] | None, rows: int, micro_batch: int) -> list[slice]:
@@ -169,11 +173,11 @@ def chunk_rows(group: list[int] | None, rows: int, micro_batch: int) -> list[sli
 
 
 def grads_in_chunks(policy: Policy, prompts: list[list[int]], completions: list[list[int]],
-                    chunk_loss: ChunkLoss, micro_batch: int = 0,
-                    group: list[int] | None = None) -> tuple[list[torch.Tensor], float, dict]:
+                    chunk_loss: ChunkLoss, micro_batch: int = 0, group: list[int] | None = None,
+                    entropy_grad: bool = False) -> tuple[list[torch.Tensor], float, dict]:
     """Gradients (one tensor per trainable parameter) of a batch loss computed micro_batch
     sequences at a time (0 = all at once; groups are never split). chunk_loss(logprobs, mask,
-    rows) must normalise by whole-batch counts so the chunks add up to the batch loss
+    rows, entropy) must normalise by whole-batch counts so the chunks add up to the batch loss
     (algo.aggregate's num_tokens). group: per-row group ids for the shared-prompt forward.
     Returns (grads, loss value, stats: entropy = mean response-token entropy, plus chunk stats
     averaged by token count)."""
@@ -181,37 +185,39 @@ def grads_in_chunks(policy: Policy, prompts: list[list[int]], completions: list[
     loss_value, tokens, sums = 0.0, 0.0, {"entropy": 0.0}
     for rows in chunk_rows(group, len(prompts), micro_batch):
         logprobs, entropy, mask = sequence_logprobs(policy, prompts[rows], completions[rows],
-                                                    group=group[rows] if group is not None else None)
-        loss, stats = chunk_loss(logprobs, mask, rows)
+                                                    group=group[rows] if group is not None else None,
+                                                    entropy_grad=entropy_grad)
+        loss, stats = chunk_loss(logprobs, mask, rows, entropy)
         for g, new in zip(grads, torch.autograd.grad(loss, policy.params, allow_unused=True)):
             if new is not None:
                 g += new
         n = mask.sum().item()
         loss_value, tokens = loss_value + loss.item(), tokens + n
-        sums["entropy"] += (entropy * mask).sum().item()
+        sums["entropy"] += (entropy.detach() * mask).sum().item()
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v * n
     return grads, loss_value, {k: v / max(tokens, 1.0) for k, v in sums.items()}
 
 
-SFTLoss = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, dict]]
+# (logprobs, mask, entropy, num_tokens of the whole batch) -> (loss, stats)
+SFTLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, dict]]
 
 
-def plain_nll(logprobs: torch.Tensor, mask: torch.Tensor, num_tokens: float) -> tuple[torch.Tensor, dict]:
+def plain_nll(logprobs: torch.Tensor, mask: torch.Tensor, entropy: torch.Tensor,
+              num_tokens: float) -> tuple[torch.Tensor, dict]:
     return algo.sft_loss(logprobs, mask, num_tokens), {}
 
 
-def sft_grads(policy: Policy, examples: list[dict], micro_batch: int = 0,
-              loss: SFTLoss = plain_nll) -> tuple[list, float, float]:
-    """∇ of an SFT loss on the examples' demonstrations (default: token-mean NLL); also the loss
-    and the mean entropy. loss(logprobs, mask, num_tokens) gets the whole batch's token count."""
+def sft_grads(policy: Policy, examples: list[dict], micro_batch: int = 0, loss: SFTLoss = plain_nll,
+              entropy_grad: bool = False) -> tuple[list, float, dict]:
+    """∇ of an SFT loss on the examples' demonstrations (default: token-mean NLL). Returns
+    (grads, loss value, stats: entropy = mean entropy on the demonstrations, plus the loss's)."""
     pairs = [policy.demo_ids(ex) for ex in examples]
     completions = [c for _, c in pairs]
     num_tokens = float(sum(len(c) for c in completions))
-    grads, value, stats = grads_in_chunks(
-        policy, [p for p, _ in pairs], completions,
-        lambda lp, mask, rows: loss(lp, mask, num_tokens), micro_batch)
-    return grads, value, stats["entropy"]
+    return grads_in_chunks(policy, [p for p, _ in pairs], completions,
+                           lambda lp, mask, rows, entropy: loss(lp, mask, entropy, num_tokens), micro_batch,
+                           entropy_grad=entropy_grad)
 
 
 def load_for_training(cfg: Config, checkpoint: Path | None = None, rollouts: bool = True) -> Policy:

@@ -114,6 +114,21 @@ def behaviour_logprobs(logprobs: torch.Tensor, batch: RLBatch, rows: slice) -> t
     return old
 
 
+def add_demonstrations(policy: Policy, rollouts: Rollouts, examples: list[dict]) -> Rollouts:
+    """Each group with its example's demonstration as one more row at its end, flagged
+    off-policy, behaviour log-probs unknown (an expert wrote it); the demonstration ends with
+    eos. rollouts.group indexes `examples`."""
+    rows: list[tuple] = []
+    r = rollouts
+    for i, g in enumerate(r.group):
+        rows.append((r.prompt_ids[i], r.completion_ids[i], r.texts[i], r.finished[i], g, r.off_policy[i],
+                     r.behaviour_logprobs[i]))
+        if i + 1 == len(r.group) or r.group[i + 1] != g:
+            prompt, demo = policy.demo_ids(examples[g])
+            rows.append((prompt, demo, examples[g]["demonstration"], True, g, True, None))
+    return Rollouts(*map(list, zip(*rows)))
+
+
 def rollout_stats(batch: RLBatch, rollout_s: float) -> dict:
     """reward/* and rollout/* metrics over the rows the policy sampled itself."""
     own = [i for i, off in enumerate(batch.rollouts.off_policy) if not off]
@@ -146,13 +161,13 @@ def rl_signal(run: Run, examples: list[dict], method, timer: PhaseTimer) -> tupl
     with timer("losses"):
         prompts, completions = rollouts.prompt_ids, rollouts.completion_ids
 
-        def chunk_loss(logprobs, mask, rows):
+        def chunk_loss(logprobs, mask, rows, entropy):
             ref = (policy.ref_logprobs(prompts[rows], completions[rows], rollouts.group[rows])
                    if cfg.rl.kl_beta > 0 else None)
-            return method.rl_loss(logprobs, mask, batch, rows, ref)
+            return method.rl_loss(logprobs, mask, batch, rows, ref, entropy)
 
         grads, loss, chunk_stats = grads_in_chunks(policy, prompts, completions, chunk_loss,
-                                                   cfg.train.micro_batch_size, rollouts.group)
+                                                   cfg.train.micro_batch_size, rollouts.group, method.entropy_grad)
     stats = {**rollout_stats(batch, timer.seconds.get("rollout", 0.0)),
              "policy/entropy": chunk_stats.pop("entropy"),
              **{f"rl/{k}": v for k, v in chunk_stats.items()}}

@@ -195,15 +195,18 @@ def train_step(run: Run, method: Method, optimizers: dict) -> dict:
     mu = method.mu(step)
     metrics: dict = {"balance/mu": mu}
     g_sft = g_rl = None
+    prompts: list[dict] = []
     if mu < 1.0:
         prompts = run.draw("rl", cfg.train.prompts_per_step)
         g_rl, loss_rl, rl_stats = rl_signal(run, prompts, method, timer)
         metrics.update({"loss/rl": loss_rl, **rl_stats})
     if mu > 0.0:
         with timer("losses"):
-            demos = run.draw("sft", cfg.train.sft_batch_size)
-            g_sft, loss_sft, entropy_demo = sft_grads(policy, demos, cfg.train.micro_batch_size, method.sft_loss)
-        metrics.update({"loss/sft": loss_sft, "policy/entropy_demo": entropy_demo})
+            demos = method.sft_examples(run, prompts)
+            g_sft, loss_sft, sft_stats = sft_grads(policy, demos, cfg.train.micro_batch_size, method.sft_loss,
+                                                   method.entropy_grad)
+        metrics.update({"loss/sft": loss_sft, "policy/entropy_demo": sft_stats.pop("entropy"),
+                        **{f"sft/{k}": v for k, v in sft_stats.items()}})
     metrics["loss/total"] = algo.objective(mu, metrics.get("loss/sft"), metrics.get("loss/rl"))
     with timer("controller"):
         metrics.update(method.control(run, step, metrics, g_sft, g_rl))

@@ -32,8 +32,9 @@ def test_pack_masks_exactly_the_completion_tokens():
 
 def test_sft_grads_do_not_depend_on_micro_batch(policy):
     examples = _examples(7)
-    full, loss_full, h_full = sft_grads(policy, examples, 0)
-    chunked, loss_chunked, h_chunked = sft_grads(policy, examples, 3)
+    full, loss_full, stats_full = sft_grads(policy, examples, 0)
+    chunked, loss_chunked, stats_chunked = sft_grads(policy, examples, 3)
+    h_full, h_chunked = stats_full["entropy"], stats_chunked["entropy"]
     assert loss_chunked == pytest.approx(loss_full, rel=1e-5)
     assert h_chunked == pytest.approx(h_full, rel=1e-5)
     for a, b in zip(full, chunked):
@@ -47,7 +48,7 @@ def test_policy_loss_grads_do_not_depend_on_micro_batch(policy, agg):
     adv = torch.tensor([1.0, -0.5, 0.2, -1.0, 0.7, 0.0])
     num_tokens = float(sum(len(c) for c in completions))
 
-    def chunk_loss(lp, mask, rows):
+    def chunk_loss(lp, mask, rows, entropy):
         return algo.policy_loss(lp, lp.detach(), adv[rows], mask, loss_agg=agg,
                                 num_tokens=num_tokens, num_seqs=len(prompts))
 
@@ -96,7 +97,7 @@ def test_shared_prompt_grads_equal_packed_grads_with_micro_batches(policy):
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.3, -0.3])
     num_tokens = float(sum(len(c) for c in completions))
 
-    def chunk_loss(lp, mask, rows):
+    def chunk_loss(lp, mask, rows, entropy):
         return algo.policy_loss(lp, lp.detach(), adv[rows], mask, num_tokens=num_tokens, num_seqs=6)
 
     packed, loss_packed, _ = grads_in_chunks(policy, prompts, completions, chunk_loss, 0)

@@ -5,8 +5,9 @@
     shape_rollouts(run, rollouts, examples)   e.g. add off-policy rows to groups │ μ < 1
     observe(run, examples, rollouts, ...)     see the scored groups (buffers)    │
     advantages(rewards, rollouts)             per-row advantages                 │
-    rl_loss(logprobs, mask, batch, rows, ref) the RL loss of a micro-batch       ┘
-    sft_loss(logprobs, mask, num_tokens)      the SFT loss of a micro-batch      (μ > 0)
+    rl_loss(logprobs, mask, batch, rows, ...) the RL loss of a micro-batch       ┘
+    sft_examples(run, rl_examples)            the demonstrations of this step    ┐ only when
+    sft_loss(logprobs, mask, entropy, n)      the SFT loss of a micro-batch      ┘ μ > 0
     control(run, step, metrics, g_sft, g_rl)  update the method's own state (AMFT's μ)
     after_update(run, step)                   extra work after the optimizer step
     state_dict() / load_state_dict(state)     the method's state, for exact resume
@@ -30,6 +31,7 @@ class Method:
 
     name = "base"
     uses_rollouts = True  # False: never samples, so no rollout engine is started
+    entropy_grad = False  # True: the losses get token entropies in the graph (entropy bonus)
 
     def __init__(self, cfg: Config, policy: Policy) -> None:
         self.cfg = cfg
@@ -56,8 +58,9 @@ class Method:
         return algo.group_advantages(rewards, rollouts.group, self.cfg.rl.scale_adv_by_std)
 
     def rl_loss(self, logprobs: torch.Tensor, mask: torch.Tensor, batch: RLBatch, rows: slice,
-                ref_logprobs: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-        """Loss of the batch rows `rows` (logprobs, mask (b, T)), normalised by whole-batch counts."""
+                ref_logprobs: torch.Tensor | None, entropy: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Loss of the batch rows `rows` (logprobs, mask, entropy (b, T)), normalised by whole-batch
+        counts so that micro-batches add up to the batch loss."""
         rl = self.cfg.rl
         return algo.policy_loss(
             logprobs, behaviour_logprobs(logprobs, batch, rows), batch.advantages[rows].to(logprobs.device),
@@ -66,7 +69,13 @@ class Method:
 
     # --- the SFT batch
 
-    def sft_loss(self, logprobs: torch.Tensor, mask: torch.Tensor, num_tokens: float) -> tuple[torch.Tensor, dict]:
+    def sft_examples(self, run: Run, rl_examples: list[dict]) -> list[dict]:
+        """The demonstrations of this step (rl_examples: this step's RL prompts, if any)."""
+        return run.draw("sft", self.cfg.train.sft_batch_size)
+
+    def sft_loss(self, logprobs: torch.Tensor, mask: torch.Tensor, entropy: torch.Tensor,
+                 num_tokens: float) -> tuple[torch.Tensor, dict]:
+        """Loss of a micro-batch of demonstrations; num_tokens counts the whole batch's tokens."""
         return algo.sft_loss(logprobs, mask, num_tokens), {}
 
     # --- the method's own state
