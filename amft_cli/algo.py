@@ -251,3 +251,19 @@ def length_normalised_sum(loss_tokens: torch.Tensor, mask: torch.Tensor, length:
     verl pads responses to the maximum response length and divides by it). (B, T) -> scalar."""
     return (loss_tokens * mask).sum() / length
 
+
+def srft_weights(entropy: torch.Tensor, sft_coef: float = 0.5,
+                 positive_coef: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """SRFT's entropy-aware weights, held constant: w_SFT = c_SFT·exp(−H) on demonstration NLL
+    (less imitation where the policy is uncertain) and w_RL = c_RL·exp(+H) on the likelihood of
+    its own correct samples (more where it is uncertain, against entropy collapse).
+    entropy (B, T) -> (w_SFT, w_RL), each (B, T)."""
+    h = entropy.detach()
+    return sft_coef * torch.exp(-h), positive_coef * torch.exp(h)
+
+
+def srft_self_tokens(logprobs: torch.Tensor, positive: torch.Tensor, positive_weights: torch.Tensor) -> torch.Tensor:
+    """SRFT's loss on self-generated rows, per token: w_RL·(−log π) on correct rows (positive
+    (B,) True), +log π on the others. logprobs, positive_weights (B, T) -> (B, T)."""
+    pos = positive.unsqueeze(-1).to(logprobs.dtype)
+    return pos * positive_weights.detach() * -logprobs + (1.0 - pos) * logprobs

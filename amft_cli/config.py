@@ -176,6 +176,12 @@ class ReLIFTConfig:
 
 
 @dataclass
+class SRFTConfig:
+    sft_coef: float = knob(0.5, "c in w_SFT = c·exp(−H) on demonstration NLL (SRFT paper, §4.1: 0.5).")
+    positive_coef: float = knob(0.1, "c in w_RL = c·exp(+H) on the likelihood of correct own samples (§4.2: 0.1).")
+
+
+@dataclass
 class EvalConfig:
     k: int = knob(8, "Samples per prompt for avg@k / pass@k.")
     temperature: float = knob(0.6, "Sampling temperature for avg@k (DESIGN §5: 0.6).")
@@ -201,13 +207,14 @@ class Config:
     chord: CHORDConfig = field(default_factory=CHORDConfig)
     luffy: LUFFYConfig = field(default_factory=LUFFYConfig)
     relift: ReLIFTConfig = field(default_factory=ReLIFTConfig)
+    srft: SRFTConfig = field(default_factory=SRFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # one section per method that has knobs, named as its module in amft_cli/methods/
 SECTIONS = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig, "rl": RLConfig,
             "sft_rl": SFTRLConfig, "mix": MixConfig, "amft": AMFTConfig, "chord": CHORDConfig,
-            "luffy": LUFFYConfig, "relift": ReLIFTConfig, "eval": EvalConfig}
+            "luffy": LUFFYConfig, "relift": ReLIFTConfig, "srft": SRFTConfig, "eval": EvalConfig}
 
 
 # ---------------------------------------------------------------------------

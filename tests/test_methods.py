@@ -12,7 +12,7 @@ from amft_cli.methods.relift import HardestBuffer, hardest_groups
 from amft_cli.rollout import Rollouts
 from amft_cli.signals import RLBatch, Run
 
-BUILT_IN = {"sft", "rl", "sft-rl", "mix", "amft", "chord", "luffy", "relift"}
+BUILT_IN = {"sft", "rl", "sft-rl", "mix", "amft", "chord", "luffy", "relift", "srft"}
 
 
 def make(name: str, **sections) -> Method:
@@ -136,3 +136,23 @@ def test_relift_buffers_hardest_prompts_newest_first():
     assert log == [([e[0], e[3]], []), (None, ["e5"]), ([e[6], e[7]], ["e5"])]
     assert hardest_groups([4, 4], ["malformed", "malformed"], []) == [4]  # no format failures configured
 
+
+def test_srft_weights_and_self_loss_by_hand():
+    w_sft, w_rl = algo.srft_weights(torch.tensor([0.0, LN2]))
+    assert w_sft.tolist() == pytest.approx([0.5, 0.25]) and w_rl.tolist() == pytest.approx([0.1, 0.2])
+    srft = make("srft")
+    batch = batch_of([1.0, 0.0, 1.0], ["correct", "wrong", "correct"], [0, 0, 0], [False, False, True])
+    batch.advantages = srft.advantages(batch.rewards, batch.rollouts)
+    a_demo = (1 / 3) / math.sqrt(1 / 3)  # (1 − 2/3) / unbiased std of [1, 0, 1]
+    assert batch.advantages[2].item() == pytest.approx(a_demo, rel=1e-4)
+    logprobs = torch.log(torch.tensor([[0.5], [0.25], [0.4]])).requires_grad_(True)
+    entropy = torch.tensor([[LN2], [0.3], [0.0]])
+    loss, _ = srft.rl_loss(logprobs, torch.ones(3, 1), batch, slice(0, 3), None, entropy)
+    # correct own sample: 0.2·(−ln 0.5); wrong own sample: +ln 0.25; demo: −A·p; token mean
+    expected = (0.2 * LN2 + math.log(0.25) - a_demo * 0.4) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    loss.backward()
+    assert logprobs.grad.flatten().tolist() == pytest.approx([-0.2 / 3, 1 / 3, -a_demo * 0.4 / 3], rel=1e-4)
+    sft, _ = srft.sft_loss(torch.log(torch.tensor([[0.5]])), torch.ones(1, 1), torch.tensor([[LN2]]), 1.0)
+    assert sft.item() == pytest.approx(0.25 * LN2, rel=1e-5)
+    assert srft.sft_examples(run_over([]), [{"id": "p"}]) == [{"id": "p"}]  # the RL prompts' demonstrations

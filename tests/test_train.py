@@ -209,7 +209,7 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["chord", "luffy", "relift"])
+@pytest.mark.parametrize("algo", ["chord", "luffy", "relift", "srft"])
 def test_each_method_resumes_exactly(tmp_path, data_dir, algo):
     """Stop after 2 steps, resume to 4: metrics and weights equal a straight 4-step run (the
     method's own state, e.g. ReLIFT's buffer and optimizer, travels in the checkpoint)."""
