@@ -1,4 +1,5 @@
-"""What a person watching a run sees: a rich Live view on a terminal, plain lines elsewhere.
+"""What a person watching a run (or a sweep's grid of runs) sees: a rich Live view on a
+terminal, plain lines elsewhere.
 
 train.py feeds it the same flat metric dict it gives the metric sink, once
 per step. On a terminal (and not under CI) a Live view shows the run, a
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
@@ -234,3 +237,56 @@ class Dashboard:
         layout.add_row(Panel(sparks, title=f"last {width} steps", title_align="left"),
                        Panel(current, title="now", title_align="left"))
         return layout
+
+
+# ---------------------------------------------------------------------------
+# a grid of runs (amft sweep)
+
+
+class GridProgress:
+    """Progress over a sweep's cells: on a terminal a rich bar for the grid and one per running
+    cell (train steps, then eval); elsewhere plain lines when a cell's phase starts, at each
+    quarter of its training and when it ends. Thread-safe: cells report from worker threads."""
+
+    def __init__(self, total: int, console: Console | None = None, live: bool | None = None):
+        self.console = console if console is not None else Console()
+        if live is None:
+            live = self.console.is_terminal and os.environ.get("CI", "").lower() != "true"
+        self.live, self.total, self.finished = live, total, 0
+        self._lock = threading.Lock()
+        self._bars: dict[str, Any] = {}
+        self._quarters: dict[str, tuple[str, int]] = {}  # last (phase, quarter) printed per cell, plain mode
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), console=self.console, disable=not live)
+        self._grid = self._progress.add_task("grid (cells)", total=total)
+
+    def __enter__(self) -> GridProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.stop()
+
+    def event(self, cell: str, phase: str, done: int, total: int) -> None:
+        """cell reached `done` of `total` in phase 'train' (steps) or 'eval'. Off a terminal
+        a line is printed when a phase starts and at each quarter of its steps."""
+        with self._lock:
+            label = f"  {cell} {phase}"
+            if cell not in self._bars:
+                self._bars[cell] = self._progress.add_task(label, total=total)
+            self._progress.update(self._bars[cell], description=label, completed=done, total=total)
+            quarter = (phase, 4 * done // max(total, 1))
+            if not self.live and self._quarters.get(cell) != quarter:
+                self._quarters[cell] = quarter
+                what = f"{phase} step {done}/{total}" if phase == "train" and done else f"{phase} ..."
+                self.console.print(f"{cell}: {what}", markup=False, highlight=False)
+
+    def done(self, cell: str, line: str) -> None:
+        """A cell ended; line says how (printed above the bars, or as a plain line)."""
+        with self._lock:
+            self.finished += 1
+            self._quarters.pop(cell, None)
+            if cell in self._bars:
+                self._progress.remove_task(self._bars.pop(cell))
+            self._progress.advance(self._grid)
+            self.console.print(f"[{self.finished}/{self.total}] {line}", markup=False, highlight=False)

@@ -1,4 +1,5 @@
-"""Results for shell scripts and CI: exit codes, the headline JSON of `--json`, `--fail-under`.
+"""Results for people and scripts: exit codes, the headline JSON of `--json`, `--fail-under`
+gates, t-intervals over seeds and the sweep table's Markdown/CSV.
 
 `amft eval --json` (and `train`, `sweep`) print ONE JSON document on stdout;
 its headline block per split, and per scope "id" / "ood", is
@@ -19,6 +20,8 @@ Nothing here imports torch or the engine.
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import re
 from dataclasses import dataclass
@@ -92,10 +95,45 @@ def eval_blocks(results: dict[str, dict]) -> dict:
 def run_totals(records: list[dict]) -> dict:
     """Cost of a run from its metrics.jsonl records: train_time_s, the sum of time/step_s
     (resumed segments included; data prep, model loading and evals excluded), and
-    rollouts, the sum of rollout/count (None when the run logged no count)."""
-    counts = [r["rollout/count"] for r in records if r.get("rollout/count") is not None]
+    rollouts, the last rollout/total: completions the policy sampled since step 0, for
+    training and for AMFT's validation utility alike (None when the run logged none)."""
+    totals = [r["rollout/total"] for r in records if r.get("rollout/total") is not None]
     return {"train_time_s": sum(r.get("time/step_s") or 0.0 for r in records),
-            "rollouts": int(sum(counts)) if counts else None}
+            "rollouts": int(totals[-1]) if totals else None}
+
+
+# ---------------------------------------------------------------------------
+# intervals over seeds
+
+# Student's t quantile t(0.975, df) for df = 1..30 (standard tables); larger df use the
+# Cornish-Fisher expansion below, within 1e-4 of the exact value there.
+T_975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+         2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+         2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
+INTERVAL_TEXT = "95 % t-interval over seeds (mean ± t(0.975, n−1)·s/√n)"
+
+
+def t_quantile_975(df: int) -> float:
+    """t(0.975, df), the two-sided 95 % critical value of Student's t."""
+    if df < 1:
+        raise ValueError(f"t_quantile_975: df must be >= 1, got {df}")
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def t_interval(values: list[float]) -> dict:
+    """{mean, half, lo, hi, n, values}: mean ± half, half = t(0.975, n−1) · s / √n with s the
+    sample standard deviation; half, lo and hi are None for fewer than two values."""
+    n = len(values)
+    mean = sum(values) / n if n else None
+    half = None
+    if n >= 2:
+        s = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+        half = t_quantile_975(n - 1) * s / math.sqrt(n)
+    return {"mean": mean, "half": half, "lo": None if half is None else mean - half,
+            "hi": None if half is None else mean + half, "n": n, "values": list(values)}
 
 
 # ---------------------------------------------------------------------------
@@ -187,3 +225,48 @@ def gate(thresholds: list[Threshold], blocks: dict) -> list[dict]:
         ok = isinstance(value, (int, float)) and math.isfinite(value) and value >= t.minimum
         rows.append({"metric": t.name, "minimum": t.minimum, "value": value, "ok": ok})
     return rows
+
+
+# ---------------------------------------------------------------------------
+# sweep tables (amft sweep writes them; the dict comes from sweep.tabulate)
+
+
+def _cell_text(stat: dict | None, scale: float = 1.0, percent: bool = False) -> str:
+    """'4.4 ± 5.6' (mean ± half-width, times scale), the mean alone for one seed, '—' for none."""
+    if not stat or not stat.get("n"):
+        return "—"
+    number = (lambda v: f"{scale * v:.1f}") if percent else (lambda v: _short(scale * v))
+    return number(stat["mean"]) + ("" if stat.get("half") is None else f" ± {number(stat['half'])}")
+
+
+def _short(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2g}"
+
+
+def sweep_markdown(table: dict) -> str:
+    """The table as Markdown: rates in %, mean ± half-width of the interval, train time in minutes."""
+    k = table["k"]
+    names = [c.replace("id.", "ID ").replace("ood.", "OOD ").replace("@k", f"@{k}" if isinstance(k, int) else "@k")
+             for c in table["columns"]]
+    lines = ["| method | seeds | " + " | ".join(names) + " | train time (min) | rollouts |",
+             "|---" * (len(names) + 4) + "|"]
+    for row in table["rows"]:
+        cells = [_cell_text(row[c], 100, percent=True) for c in table["columns"]]
+        cells += [_cell_text(row["train_time_s"], 1 / 60), _cell_text(row["rollouts"])]
+        lines.append(f"| `{row['algo']}` | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+    lines += ["", f"Rates in %, mean ± half-width of the {table['interval']}; n = {table['n']} examples per "
+                  f"split, k = {k} samples; train time = summed step times; rollouts = completions sampled."]
+    return "\n".join(lines) + "\n"
+
+
+def sweep_csv(table: dict) -> str:
+    """One row per method: <column>_mean, _lo, _hi for every column, train time and rollouts."""
+    keys = [*table["columns"], "train_time_s", "rollouts"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["algo", "n_seeds"] + [f"{key}_{part}" for key in keys for part in ("mean", "lo", "hi")])
+    for row in table["rows"]:
+        stats = [row.get(key) or {} for key in keys]
+        writer.writerow([row["algo"], len(row["seeds"])]
+                        + ["" if s.get(part) is None else s[part] for s in stats for part in ("mean", "lo", "hi")])
+    return buffer.getvalue()

@@ -5,6 +5,8 @@
     runs/<name>/checkpoints/step-N/        HF model folder + trainer state
     runs/<name>/eval/<split>.json          eval scores; <split>.samples.jsonl per sample
     runs/<name>/plots/                     figures
+    sweeps/<name>/runs/<algo>-s<seed>/     one run directory per cell of `amft sweep`
+    sweeps/<name>/table.{json,csv,md}      the sweep's per-method table; plots/ its figures
 
 Used by `amft eval` and `amft plot`; imports no torch, so plotting works on
 machines without it.
@@ -152,3 +154,30 @@ def read_eval(run_dir: Path) -> dict[str, dict]:
             raise RunDirError(f"{path}: no 'metrics' object — not written by `amft eval`")
         out[record.get("split", path.stem)] = record
     return dict(sorted(out.items(), key=lambda kv: bool(kv[1]["metrics"].get("ood"))))
+
+
+# ---------------------------------------------------------------------------
+# sweeps
+
+
+def sweep_cell_dir(sweep: Path, algo: str, seed: int) -> Path:
+    """The run directory of one (algo, seed) cell of a sweep."""
+    return Path(sweep) / "runs" / f"{algo}-s{seed}"
+
+
+def sweep_table_path(sweep: Path) -> Path:
+    return Path(sweep) / "table.json"
+
+
+def read_sweep_table(sweep: Path) -> dict:
+    """table.json of a sweep folder, with one-line errors."""
+    path = sweep_table_path(sweep)
+    if not path.is_file():
+        raise RunDirError(f"{sweep}: no table.json — is it a sweep folder? (`amft sweep` writes sweeps/<name>/)")
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise RunDirError(f"{path}: not valid JSON (rerun the `amft sweep` command to rewrite it)") from None
+    if not isinstance(table, dict) or not isinstance(table.get("rows"), list):
+        raise RunDirError(f"{path}: no 'rows' list — not written by `amft sweep`")
+    return table

@@ -32,6 +32,7 @@ class Cursors:
     sft: int = 0
     rl: int = 0
     val: int = 0
+    rollouts: int = 0  # completions the policy sampled so far (training and validation utility)
 
 
 class PhaseTimer:
@@ -151,6 +152,7 @@ def rl_signal(run: Run, examples: list[dict], method, timer: PhaseTimer) -> tupl
                             method.samples_per_prompt(), max_new_tokens=cfg.rl.max_new_tokens,
                             temperature=cfg.rl.temperature, top_p=cfg.rl.top_p,
                             generator=run.generator, engine=policy.engine)
+        run.cursors.rollouts += len(rollouts.completion_ids)  # before shaping adds off-policy rows
         rollouts = method.shape_rollouts(run, rollouts, examples)
     with timer("reward"):
         grouped = [examples[g] for g in rollouts.group]

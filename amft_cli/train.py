@@ -218,6 +218,7 @@ def train_step(run: Run, method: Method, optimizers: dict) -> dict:
     with timer("method"):
         metrics.update(method.after_update(run, step))
     metrics.update({f"time/{k}_s": v for k, v in timer.seconds.items()})
+    metrics["rollout/total"] = run.cursors.rollouts  # cumulative: the sweep table's "rollouts used"
     metrics["time/step_s"] = time.perf_counter() - started
     return metrics
 

@@ -125,10 +125,27 @@ def test_gate_fails_a_non_finite_value_and_refuses_an_unmeasured_metric():
         gate([parse_threshold("id.route_success=0.1")], blocks)
 
 
-def test_run_totals_sum_step_time_and_rollouts():
-    records = [{"time/step_s": 0.5, "rollout/count": 64}, {"time/step_s": 1.25}, {"time/step_s": 0.25, "rollout/count": 32}]
+def test_run_totals_sum_step_time_and_take_the_last_rollout_total():
+    records = [{"time/step_s": 0.5, "rollout/total": 64}, {"time/step_s": 1.25, "rollout/total": 64},
+               {"time/step_s": 0.25, "rollout/total": 96}]
     assert report.run_totals(records) == {"train_time_s": 2.0, "rollouts": 96}
     assert report.run_totals([{"time/step_s": 1.0}]) == {"train_time_s": 1.0, "rollouts": None}
+
+
+def test_t_interval_by_hand():
+    # mean 0.044; s = sqrt((0.012² + 0.026² + 0.014²) / 2) = 0.0225389; half = 4.3027 · s / √3
+    stat = report.t_interval([0.056, 0.018, 0.058])
+    assert stat["mean"] == pytest.approx(0.044) and stat["n"] == 3
+    assert stat["half"] == pytest.approx(0.0559902, rel=1e-5)
+    assert (stat["lo"], stat["hi"]) == (pytest.approx(0.044 - 0.0559902, rel=1e-4), pytest.approx(0.044 + 0.0559902))
+    # two values 1 and 3: s = √2, half = 12.7062 · √2 / √2
+    assert report.t_interval([1.0, 3.0])["half"] == pytest.approx(12.7062)
+    assert report.t_interval([0.3]) == {"mean": 0.3, "half": None, "lo": None, "hi": None, "n": 1, "values": [0.3]}
+
+
+@pytest.mark.parametrize("df, quantile", [(1, 12.7062), (4, 2.7764), (30, 2.0423), (40, 2.0211), (120, 1.9799)])
+def test_t_quantiles_match_the_tables(df, quantile):
+    assert report.t_quantile_975(df) == pytest.approx(quantile, abs=2e-4)
 
 
 def test_exit_codes_are_distinct_and_documented():

@@ -49,7 +49,7 @@ def test_train_json_reports_the_run(trained):
     work, doc = trained
     assert (doc["command"], doc["preset"], doc["algo"], doc["run"], doc["step"]) == ("train", "tiny-math", "sft", "runs/r", 2)
     assert doc["model"] == "runs/r/checkpoints/step-2" and (work / doc["model"] / "config.json").is_file()
-    assert doc["interrupted"] is False and doc["rollouts"] is None  # SFT draws no rollouts
+    assert doc["interrupted"] is False and doc["rollouts"] == 0  # SFT samples no completions
     steps = [json.loads(line) for line in (work / "runs/r/metrics.jsonl").read_text().splitlines()]
     assert doc["train_time_s"] == pytest.approx(steps[0]["time/step_s"] + steps[1]["time/step_s"])
     summary = json.loads((work / "runs/r/summary.json").read_text())

@@ -90,6 +90,7 @@ def test_sft_has_no_rollouts_and_mu_one(tmp_path, data_dir):
     records = run_algo(tmp_path, data_dir, "sft")
     assert all(r["balance/mu"] == 1.0 and "loss/sft" in r for r in records)
     assert not any(key in r for r in records for key in RL_KEYS)
+    assert all(r["rollout/total"] == 0 for r in records)
     assert records[-1]["loss/sft"] < records[0]["loss/sft"]  # lr 1e-3 learns within 12 steps
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["before"]["n"] == summary["after"]["n"] == 20
@@ -100,6 +101,7 @@ def test_rl_has_no_demonstrations_and_mu_zero(tmp_path, data_dir):
     assert all(r["balance/mu"] == 0.0 for r in records)
     assert not any("loss/sft" in r or "policy/entropy_demo" in r for r in records)
     assert all(RL_KEYS <= r.keys() and r["reward/std"] > 0 for r in records)
+    assert [r["rollout/total"] for r in records] == [16 * s for s in range(1, 13)]  # 4 prompts × 4 samples a step
     before = weights(data_dir / "model")
     after = weights(tmp_path / "run" / "checkpoints" / "step-12")
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the RL gradient reached the weights
@@ -132,6 +134,8 @@ def test_amft_warmup_then_learned_mu(tmp_path, data_dir):
     assert [r["step"] for r in records if r["balance/meta_update"] == 1.0] == [5, 8, 11]
     assert all(r["balance/meta_update"] in (0.0, 1.0) for r in records)
     assert all(r["balance/meta_grad"] != 0.0 for r in records if r["balance/meta_update"])
+    # rollouts: none in warm-up, then 4 × 4 a step, plus 2 validation prompts × 4 at each meta-update
+    assert [r["rollout/total"] for r in records] == [0] * 4 + [24, 40, 56, 80, 96, 112, 136, 152]
     for r, nxt in zip(mixed, mixed[1:]):
         assert DESIGN_KEYS <= r.keys() and all(r[k] is not None for k in DESIGN_KEYS)
         assert r["balance/entropy_term"] == pytest.approx(cfg.eta_entropy * (target - r["policy/entropy"]), abs=1e-12)

@@ -1,0 +1,362 @@
+"""`amft sweep`: a method × seed grid, trained and evaluated ID and OOD, tabulated per method.
+
+    sweeps/<name>/runs/<algo>-s<seed>/   one ordinary run directory per cell (train, then eval/)
+    sweeps/<name>/runs/<algo>-s<seed>/sweep.log   that cell's own output
+    sweeps/<name>/table.{json,csv,md}    per method: mean and 95 % t-interval over seeds
+
+Each cell runs as its own `python -m amft_cli train ...` and then `... eval --ood`
+process: the code path a user runs, memory returned between runs, Ctrl-C reaching
+every run's checkpoint handler, and `--jobs N` cells at once. Rerunning the same
+command continues a sweep: a finished run is not trained again, a run with a
+checkpoint short of its steps is resumed, and an eval already done on the final
+checkpoint with the same k and limit is kept. A cell whose run directory holds a
+run of a different config is refused (one line naming the keys), never replaced.
+
+The interval is Student's t over seeds: mean ± t(0.975, n−1) · s / √n
+(report.t_interval); one seed gives no interval.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from amft_cli import methods, report, rundir
+from amft_cli.config import Config, ConfigError, apply_overrides, load_preset, to_dict, validate
+
+SWEEPS_ROOT = Path("sweeps")
+METRICS = ("greedy", "avg@k", "pass@k")
+EXTRA_METRICS = ("step_accuracy",)  # tabulated when every run of the sweep reports it
+PROGRESS_LINE = re.compile(r"^step (\d+)/(\d+)\b")
+
+
+class SweepError(ValueError):
+    """A bad grid or a run directory that holds another config; printed as one line (exit 2)."""
+
+
+# ---------------------------------------------------------------------------
+# the grid
+
+
+@dataclass(frozen=True)
+class Cell:
+    algo: str
+    seed: int
+    run_dir: Path
+    config: Config = field(compare=False, repr=False)
+    overrides: tuple[str, ...] = ()   # the --set list that makes `preset` into this cell's config
+
+    @property
+    def name(self) -> str:
+        return f"{self.algo}-s{self.seed}"
+
+
+@dataclass
+class Grid:
+    name: str
+    preset: str
+    algos: list[str]
+    seeds: list[int]
+    overrides: list[str] = field(default_factory=list)   # --set, the same for every cell
+    k: int | None = None                                  # eval samples per example (default: eval.k)
+    limit: int | None = None                              # eval examples per split (default: eval.limit)
+    root: Path = SWEEPS_ROOT
+
+    @property
+    def folder(self) -> Path:
+        return self.root / self.name
+
+    def cells(self) -> list[Cell]:
+        """Every (algo, seed) with its resolved, validated config; config errors surface here, before any run."""
+        out = []
+        for algo in self.algos:
+            for seed in self.seeds:
+                sets = (*self.overrides, f"train.algo={algo}", f"seed={seed}")
+                cfg = validate(apply_overrides(load_preset(self.preset), list(sets)))
+                out.append(Cell(algo, seed, rundir.sweep_cell_dir(self.folder, algo, seed), cfg, sets))
+        return out
+
+
+def parse_algos(text: str) -> list[str]:
+    """'sft,rl,amft' -> names checked against the method registry; 'all' = every registered method."""
+    names = methods.names() if text.strip() == "all" else [a.strip() for a in text.split(",") if a.strip()]
+    if not names:
+        raise SweepError(f"--algo {text!r}: expected a comma-separated list, e.g. sft,rl,amft")
+    for name in names:
+        if name not in methods.names():
+            raise SweepError(f"--algo {text!r}: unknown method {name!r} (choices: {', '.join(methods.names())})")
+    return list(dict.fromkeys(names))
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' or '0-2' -> [0, 1, 2]."""
+    try:
+        if re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", text):
+            lo, hi = (int(x) for x in text.split("-"))
+            seeds = list(range(lo, hi + 1))
+        else:
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SweepError(f"--seeds {text!r}: expected integers, e.g. 0,1,2 or 0-2") from None
+    if not seeds:
+        raise SweepError(f"--seeds {text!r}: expected integers, e.g. 0,1,2 or 0-2")
+    return list(dict.fromkeys(seeds))
+
+
+# ---------------------------------------------------------------------------
+# what a cell still needs
+
+
+def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            keys += _config_diff(a[key], b[key], f"{prefix}{key}.")
+        elif a.get(key) != b.get(key):
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def train_state(cell: Cell) -> str:
+    """'done' | 'resume' | 'new' (nothing to keep, any debris is replaced) for the cell's run directory."""
+    saved = rundir.checkpoints(cell.run_dir) if cell.run_dir.is_dir() else {}
+    if (cell.run_dir / rundir.CONFIG_FILE).is_file() and saved:
+        diff = _config_diff(to_dict(rundir.read_config(cell.run_dir)), to_dict(cell.config))
+        if diff:
+            raise SweepError(f"{cell.run_dir} holds a run with another config ({', '.join(diff[:5])} differ): "
+                             f"pick another --name, or delete that folder")
+    if not saved:
+        return "new"
+    return "done" if max(saved) >= cell.config.train.steps else "resume"
+
+
+def eval_done(cell: Cell, k: int | None, limit: int | None) -> bool:
+    """ID and OOD evaluated on the final checkpoint (written after it) with the requested k and limit."""
+    saved = rundir.checkpoints(cell.run_dir)
+    if not saved or not rundir.eval_dir(cell.run_dir).is_dir():
+        return False
+    final = saved[max(saved)]
+    want = {"k": cell.config.eval.k if k is None else k, "limit": cell.config.eval.limit if limit is None else limit}
+    fresh = set()
+    for split, record in rundir.read_eval(cell.run_dir).items():
+        if (Path(record.get("checkpoint", "")).name == final.name
+                and all(record["settings"].get(key) == value for key, value in want.items())
+                and rundir.eval_path(cell.run_dir, split).stat().st_mtime >= final.stat().st_mtime):
+            fresh.add(bool(record["metrics"].get("ood")))
+    return fresh == {False, True}
+
+
+def train_argv(grid: Grid, cell: Cell, state: str) -> list[str]:
+    base = [sys.executable, "-m", "amft_cli", "train", "--plain", "--run-dir", str(cell.run_dir)]
+    if state == "resume":
+        return base + ["--resume", str(cell.run_dir)]
+    return base + ["--preset", grid.preset, "--overwrite"] + [a for s in cell.overrides for a in ("--set", s)]
+
+
+def eval_argv(grid: Grid, cell: Cell) -> list[str]:
+    argv = [sys.executable, "-m", "amft_cli", "eval", "--run", str(cell.run_dir), "--ood"]
+    argv += ["--k", str(grid.k)] if grid.k is not None else []
+    return argv + (["--limit", str(grid.limit)] if grid.limit is not None else [])
+
+
+# ---------------------------------------------------------------------------
+# running cells
+
+
+@dataclass
+class Outcome:
+    cell: Cell
+    status: str            # "done" | "failed" | "interrupted"
+    trained: str = ""      # what happened to training: "trained" | "resumed" | "kept"
+    evaluated: bool = False
+    returncode: int = 0
+
+
+def _child_env(jobs: int) -> dict:
+    """Split the cores between concurrent runs unless the user set the thread count."""
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
+
+
+def _run_logged(argv: list[str], log: Path, env: dict, on_step: Callable[[int, int], None]) -> int:
+    """Run argv with its output appended to log; report 'step N/M' lines as they come."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as sink:
+        sink.write(f"$ {' '.join(argv)}\n")
+        sink.flush()
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for line in proc.stdout:
+            sink.write(line)
+            match = PROGRESS_LINE.match(line)
+            if match:
+                on_step(int(match.group(1)), int(match.group(2)))
+        return proc.wait()
+
+
+def run_cell(grid: Grid, cell: Cell, env: dict, on_event: Callable[[Cell, str, int, int], None]) -> Outcome:
+    """Train (or resume, or keep) the cell's run, then evaluate it ID and OOD unless that is done.
+
+    on_event(cell, phase, done, total) reports "train" steps and the "eval" phase.
+    """
+    log = cell.run_dir / "sweep.log"
+    state = train_state(cell)
+    outcome = Outcome(cell, "done", {"new": "trained", "resume": "resumed", "done": "kept"}[state])
+    if state != "done":
+        on_event(cell, "train", 0, cell.config.train.steps)
+        code = _run_logged(train_argv(grid, cell, state), log, env,
+                           lambda step, total: on_event(cell, "train", step, total))
+        if code != 0:
+            outcome.status = "interrupted" if code == report.EXIT_INTERRUPTED else "failed"
+            outcome.returncode = code
+            return outcome
+    if not eval_done(cell, grid.k, grid.limit):
+        on_event(cell, "eval", 0, 1)
+        code = _run_logged(eval_argv(grid, cell), log, env, lambda step, total: None)
+        if code != 0:
+            outcome.status = "interrupted" if code == report.EXIT_INTERRUPTED else "failed"
+            outcome.returncode = code
+            return outcome
+        outcome.evaluated = True
+    return outcome
+
+
+def run_grid(grid: Grid, cells: list[Cell], jobs: int = 1,
+             on_event: Callable[[Cell, str, int, int], None] = lambda *a: None,
+             on_done: Callable[[Outcome], None] = lambda o: None) -> list[Outcome]:
+    """Every cell, `jobs` at a time, in grid order. After an interrupted cell no new cell starts
+    (the running ones got the same Ctrl-C and checkpoint too)."""
+    env, stop = _child_env(jobs), threading.Event()
+    outcomes: list[Outcome] = []
+
+    def work(cell: Cell) -> Outcome | None:
+        if stop.is_set():
+            return None
+        outcome = run_cell(grid, cell, env, on_event)
+        if outcome.status == "interrupted":
+            stop.set()
+        on_done(outcome)
+        return outcome
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(work, cell) for cell in cells]
+        try:
+            for future in futures:
+                result = future.result()
+                if result is not None:
+                    outcomes.append(result)
+        except KeyboardInterrupt:
+            stop.set()
+            for future in futures:
+                future.cancel()
+            outcomes += [f.result() for f in futures if not f.cancelled() and f.result() is not None]
+            raise
+    return outcomes
+
+
+# ---------------------------------------------------------------------------
+# the table
+
+
+def cell_record(cell: Cell, k: int | None, limit: int | None) -> dict | None:
+    """What the table needs from a cell, read from its run directory; None unless its final
+    checkpoint is evaluated with this k and limit (see eval_done)."""
+    if not eval_done(cell, k, limit):
+        return None
+    evals = rundir.read_eval(cell.run_dir)
+    blocks = report.eval_blocks({split: rec["metrics"] for split, rec in evals.items()})
+    return {"algo": cell.algo, "seed": cell.seed, "run": str(cell.run_dir), **blocks["metrics"],
+            **report.run_totals(rundir.read_metrics(cell.run_dir))}
+
+
+def _columns(records: list[dict]) -> list[tuple[str, str]]:
+    """(scope, metric) columns: the headline trio ID and OOD, plus extras every record has."""
+    scopes = [s for s in report.SCOPES if any(s in r for r in records)]
+    extras = [m for m in EXTRA_METRICS if records and all(m in r.get(s, {}) for r in records for s in scopes)]
+    return [(s, m) for s in scopes for m in (*METRICS, *extras)]
+
+
+def tabulate(grid: Grid, records: list[dict]) -> dict:
+    """Per method, in --algo order: mean and 95 % t-interval over its seeds of every column, train
+    time and rollouts. The runs themselves are listed too."""
+    columns = _columns(records)
+    rows = []
+    for algo in grid.algos:
+        mine = [r for r in records if r["algo"] == algo]
+        if not mine:
+            continue
+        row = {"algo": algo, "seeds": [r["seed"] for r in mine]}
+        for scope, metric in columns:
+            row[f"{scope}.{metric}"] = report.t_interval([r[scope][metric] for r in mine if metric in r.get(scope, {})])
+        for key in ("train_time_s", "rollouts"):
+            values = [r[key] for r in mine if r.get(key) is not None]
+            row[key] = report.t_interval(values) if values else None
+        rows.append(row)
+    ks = sorted({r[s].get("k") for r in records for s in report.SCOPES if s in r})
+    ns = sorted({r[s].get("n") for r in records for s in report.SCOPES if s in r})
+    return {"sweep": grid.name, "preset": grid.preset, "algos": grid.algos, "seeds": grid.seeds,
+            "overrides": grid.overrides, "k": ks[0] if len(ks) == 1 else ks, "n": ns[0] if len(ns) == 1 else ns,
+            "interval": report.INTERVAL_TEXT, "columns": [f"{s}.{m}" for s, m in columns], "rows": rows,
+            "runs": records}
+
+
+def table_paths(folder: Path) -> list[Path]:
+    return [folder / "table.json", folder / "table.csv", folder / "table.md"]
+
+
+def write_tables(table: dict, folder: Path) -> list[Path]:
+    """table.json, table.csv and table.md in folder, each written whole (temp file, then rename)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = (json.dumps(table, indent=2) + "\n", report.sweep_csv(table), report.sweep_markdown(table))
+    for path, text in zip(table_paths(folder), texts):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    return table_paths(folder)
+
+
+# ---------------------------------------------------------------------------
+# the whole sweep
+
+
+def _describe(outcome: Outcome, record: dict | None) -> str:
+    cell = outcome.cell
+    if outcome.status != "done":
+        return f"{cell.name}: {outcome.status} (exit {outcome.returncode}); its output: {cell.run_dir / 'sweep.log'}"
+    scores = ""
+    if record is not None:
+        scores = " · " + " · ".join(f"{s} greedy {100 * record[s]['greedy']:.1f}%"
+                                     for s in report.SCOPES if "greedy" in record.get(s, {}))
+    evaluated = "evaluated" if outcome.evaluated else "eval kept"
+    return f"{cell.name}: {outcome.trained}, {evaluated}{scores}"
+
+
+def run(grid: Grid, jobs: int = 1, live: bool | None = None, console=None) -> tuple[dict, list[Outcome]]:
+    """Run what the grid still needs, then write its tables; (table, outcomes).
+
+    Every cell's config is resolved and its folder checked before the first run
+    starts, so a bad --set or a folder of another run stops the sweep at once.
+    """
+    from amft_cli.dashboard import GridProgress
+
+    cells = grid.cells()
+    for cell in cells:
+        train_state(cell)
+    with GridProgress(len(cells), console, live) as progress:
+        outcomes = run_grid(grid, cells, jobs,
+                            on_event=lambda c, phase, done, total: progress.event(c.name, phase, done, total),
+                            on_done=lambda o: progress.done(o.cell.name,
+                                                            _describe(o, cell_record(o.cell, grid.k, grid.limit))))
+    records = [r for r in (cell_record(c, grid.k, grid.limit) for c in cells) if r is not None]
+    table = {**tabulate(grid, records), "files": [str(p) for p in table_paths(grid.folder)]}
+    write_tables(table, grid.folder)
+    return table, outcomes

@@ -1,0 +1,225 @@
+"""`amft sweep`: the grid comes from the method registry, finished cells are kept, interrupted ones
+resumed, a folder of another config refused; the table's means and t-intervals are hand-checked;
+a tiny real grid runs end to end through the CLI and `amft plot sweep` draws it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from typer.testing import CliRunner
+
+from amft_cli import methods, report, sweep
+from amft_cli.cli import app
+from amft_cli.config import to_toml
+from amft_cli.sweep import Grid, SweepError
+
+AMFT = str(Path(sys.executable).parent / "amft")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+# ---------------------------------------------------------------------------
+# the grid
+
+
+def test_algos_come_from_the_registry():
+    assert sweep.parse_algos("sft, rl,sft") == ["sft", "rl"]
+    assert sweep.parse_algos("all") == methods.names()
+    with pytest.raises(SweepError, match="unknown method 'bogus'"):
+        sweep.parse_algos("sft,bogus")
+
+
+@pytest.mark.parametrize("text, seeds", [("0,1,2", [0, 1, 2]), ("3-5", [3, 4, 5]), ("7", [7]), ("1,1", [1])])
+def test_parse_seeds(text, seeds):
+    assert sweep.parse_seeds(text) == seeds
+
+
+@pytest.mark.parametrize("text", ["", "a,b", "0.5"])
+def test_bad_seeds(text):
+    with pytest.raises(SweepError, match="--seeds"):
+        sweep.parse_seeds(text)
+
+
+def test_cells_carry_algo_and_seed_into_their_config(tmp_path):
+    grid = Grid("g", "tiny-gp", ["sft", "amft"], [0, 2], ["train.steps=7"], root=tmp_path)
+    cells = grid.cells()
+    assert [(c.algo, c.seed) for c in cells] == [("sft", 0), ("sft", 2), ("amft", 0), ("amft", 2)]
+    assert [(c.config.train.algo, c.config.seed, c.config.train.steps) for c in cells] == \
+        [("sft", 0, 7), ("sft", 2, 7), ("amft", 0, 7), ("amft", 2, 7)]
+    assert cells[3].run_dir == tmp_path / "g" / "runs" / "amft-s2"
+
+
+def fake_run(cell, steps_saved: list[int], config=None) -> None:
+    cell.run_dir.mkdir(parents=True, exist_ok=True)
+    (cell.run_dir / "config.toml").write_text(to_toml(config or cell.config))
+    for step in steps_saved:
+        (cell.run_dir / "checkpoints" / f"step-{step}").mkdir(parents=True)
+
+
+def test_train_state_keeps_resumes_or_starts(tmp_path):
+    grid = Grid("g", "tiny-math", ["sft"], [0, 1, 2, 3], ["train.steps=5"], root=tmp_path)
+    done, short, empty, debris = grid.cells()
+    fake_run(done, [3, 5])
+    fake_run(short, [2])
+    fake_run(debris, [])
+    assert [sweep.train_state(c) for c in (done, short, empty, debris)] == ["done", "resume", "new", "new"]
+    assert "--resume" in sweep.train_argv(grid, short, "resume")
+    fresh = sweep.train_argv(grid, empty, "new")
+    assert fresh[fresh.index("--preset") + 1] == "tiny-math" and "--overwrite" in fresh
+    assert " ".join(fresh).endswith("--set train.steps=5 --set train.algo=sft --set seed=2")
+
+
+def test_a_run_of_another_config_is_refused(tmp_path):
+    cell = Grid("g", "tiny-math", ["sft"], [0], ["train.steps=5"], root=tmp_path).cells()[0]
+    other = Grid("g", "tiny-math", ["sft"], [0], ["train.steps=9", "train.lr=0.5"], root=tmp_path).cells()[0]
+    fake_run(cell, [5], config=other.config)
+    with pytest.raises(SweepError, match=r"train\.lr, train\.steps differ"):
+        sweep.train_state(cell)
+
+
+def fake_eval(cell, step: int, k: int, limit: int) -> None:
+    (cell.run_dir / "eval").mkdir(exist_ok=True)
+    for split, ood in (("test", False), ("ood", True)):
+        record = {"split": split, "checkpoint": f"{cell.run_dir}/checkpoints/step-{step}",
+                  "settings": {"k": k, "limit": limit}, "metrics": {"greedy_accuracy": 0.5, "ood": ood}}
+        (cell.run_dir / "eval" / f"{split}.json").write_text(json.dumps(record))
+
+
+def test_an_eval_is_kept_only_on_the_final_checkpoint_with_the_same_settings(tmp_path):
+    cell = Grid("g", "tiny-math", ["sft"], [0], ["train.steps=5", "eval.k=4"], root=tmp_path).cells()[0]
+    fake_run(cell, [5])
+    fake_eval(cell, 5, k=4, limit=0)
+    assert sweep.eval_done(cell, None, None)
+    assert not sweep.eval_done(cell, 8, None) and not sweep.eval_done(cell, None, 16)
+    fake_eval(cell, 4, k=4, limit=0)
+    assert not sweep.eval_done(cell, None, None)  # an older checkpoint's eval
+    fake_eval(cell, 5, k=4, limit=0)
+    final = cell.run_dir / "checkpoints" / "step-5"
+    os.utime(final, (final.stat().st_atime, final.stat().st_mtime + 60))  # saved again after the eval (resumed)
+    assert not sweep.eval_done(cell, None, None)
+
+
+# ---------------------------------------------------------------------------
+# the table (hand-computed values)
+
+
+def record(algo, seed, id_greedy, ood_greedy, time_s, rollouts):
+    block = {"n": 50, "k": 4, "avg@k": id_greedy / 2, "pass@k": 1.0}
+    return {"algo": algo, "seed": seed, "id": {**block, "greedy": id_greedy},
+            "ood": {**block, "greedy": ood_greedy}, "train_time_s": time_s, "rollouts": rollouts}
+
+
+def test_table_means_and_t_intervals():
+    grid = Grid("g", "tiny-gp", ["amft", "sft"], [0, 1, 2])
+    records = [record("sft", 0, 0.026, 0.0, 60.0, None), record("amft", 0, 0.056, 0.0, 120.0, 1000),
+               record("amft", 1, 0.018, 0.0, 150.0, 1000), record("amft", 2, 0.058, 0.0, 180.0, 1000)]
+    table = sweep.tabulate(grid, records)
+    assert [r["algo"] for r in table["rows"]] == ["amft", "sft"]
+    amft = table["rows"][0]
+    # mean 0.044; s = sqrt((0.012² + 0.026² + 0.014²) / 2) = 0.0225389; half = 4.3027 · s / √3 = 0.0559902
+    assert amft["id.greedy"]["mean"] == pytest.approx(0.044)
+    assert amft["id.greedy"]["half"] == pytest.approx(0.0559902, rel=1e-4)
+    assert amft["id.greedy"]["lo"] == pytest.approx(0.044 - 0.0559902, rel=1e-4)
+    # 120, 150, 180 s: s = 30, half = 4.3027 · 30 / √3 = 74.525
+    assert amft["train_time_s"]["mean"] == 150 and amft["train_time_s"]["half"] == pytest.approx(74.525, rel=1e-4)
+    assert amft["ood.greedy"]["half"] == 0.0
+    sft = table["rows"][1]
+    assert sft["id.greedy"] == {"mean": 0.026, "half": None, "lo": None, "hi": None, "n": 1, "values": [0.026]}
+    assert sft["rollouts"] is None
+    md = report.sweep_markdown(table)
+    assert "| `amft` | 3 | 4.4 ± 5.6 | 2.2 ± 2.8 | 100.0 ± 0.0 | 0.0 ± 0.0 |" in md
+    assert "| 2.5 ± 1.2 | 1,000 ± 0 |" in md  # minutes: 150 s ± 74.5 s
+    assert "| `sft` | 1 | 2.6 |" in md and "ID avg@4" in md and "95 % t-interval" in md
+    rows = report.sweep_csv(table).splitlines()
+    assert rows[0].startswith("algo,n_seeds,id.greedy_mean,id.greedy_lo,id.greedy_hi,")
+    assert rows[2].startswith("sft,1,0.026,,,")
+
+
+# ---------------------------------------------------------------------------
+# amft plot sweep, on a synthetic sweep folder
+
+
+def test_plot_sweep_draws_means_intervals_seeds_and_bands(tmp_path):
+    from amft_cli import plot
+    from amft_cli.rundir import sweep_cell_dir
+
+    grid = Grid("s", "tiny-gp", ["amft", "sft"], [0, 1], root=tmp_path)
+    records = [record("amft", 0, 0.2, 0.1, 60.0, 100), record("amft", 1, 0.4, 0.1, 60.0, 100),
+               record("sft", 0, 0.3, 0.0, 30.0, 0), record("sft", 1, 0.5, 0.2, 30.0, 0)]
+    sweep.write_tables(sweep.tabulate(grid, records), grid.folder)
+    for algo, seed, accuracy in (("amft", 0, 0.0), ("amft", 1, 1.0), ("sft", 0, None), ("sft", 1, None)):
+        run = sweep_cell_dir(grid.folder, algo, seed)
+        run.mkdir(parents=True)
+        rows = [{"step": s, "loss/sft": 2.0 + seed, **({"reward/accuracy": accuracy} if accuracy is not None else {})}
+                for s in (1, 2, 3)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = plot.sweep_figure(grid.folder)
+    bars, accuracy, loss = fig.axes[:3]
+    heights = [round(p.get_height(), 6) for p in bars.patches]
+    # columns id.greedy, id.avg@k, id.pass@k, ood.greedy, ood.avg@k, ood.pass@k; amft's bars, then sft's
+    assert heights == [0.3, 0.15, 1.0, 0.1, 0.15, 1.0] + [0.4, 0.2, 1.0, 0.1, 0.2, 1.0]
+    whiskers = bars.collections[0].get_segments()[0]  # amft, id.greedy: 0.3 ± 12.7062 · 0.1414 / 1.414
+    assert whiskers[0][1] == pytest.approx(0.3 - 1.27062) and whiskers[1][1] == pytest.approx(0.3 + 1.27062)
+    dots = [[round(y, 6) for _, y in c.get_offsets()] for c in bars.collections if type(c).__name__ == "PathCollection"]
+    assert len(dots) == 12 and dots[0] == [0.2, 0.4] and dots[9] == [0.0, 0.2]  # amft ID greedy; sft OOD greedy
+    assert [line.get_label() for line in accuracy.lines] == ["amft"]  # sft draws no rollouts
+    assert list(accuracy.lines[0].get_ydata()) == [0.5, 0.5, 0.5]
+    assert [line.get_label() for line in loss.lines] == ["amft", "sft"]
+    assert list(loss.lines[1].get_ydata()) == [2.5, 2.5, 2.5] and len(loss.collections) == 2  # two bands
+    assert plot.sweep(grid.folder).name == "sweep.png"
+
+
+# ---------------------------------------------------------------------------
+# a real tiny grid through the CLI
+
+
+def small_sets(data_dir: Path) -> list[str]:
+    sets = [f"task.data_dir={data_dir}", f"model.path={data_dir / 'model'}", "task.train_size=200",
+            "task.val_size=8", "task.test_size=8", "task.ood_size=8", "train.steps=2", "train.save_every=1",
+            "train.sft_batch_size=8", "train.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=8",
+            "train.eval_at_end=false"]
+    return [a for s in sets for a in ("--set", s)]
+
+
+@pytest.mark.slow
+def test_tiny_sweep_end_to_end(tmp_path):
+    args = ["sweep", "--preset", "tiny-math", "--algo", "sft,rl", "--seeds", "0,1", "--name", "t",
+            "--limit", "4", "--k", "2", "--jobs", "2", "--json", *small_sets(tmp_path / "data")]
+    first = subprocess.run([AMFT, *args], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    table = json.loads(first.stdout)
+    folder = tmp_path / "sweeps" / "t"
+    assert json.loads((folder / "table.json").read_text()) == table
+    assert [r["algo"] for r in table["rows"]] == ["sft", "rl"] and table["k"] == 2 and table["n"] == 4
+    for row in table["rows"]:
+        assert row["seeds"] == [0, 1]
+        for run in (r for r in table["runs"] if r["algo"] == row["algo"]):
+            scores = json.loads((tmp_path / run["run"] / "eval" / "test.json").read_text())["metrics"]
+            assert run["id"]["greedy"] == scores["greedy_accuracy"]
+        assert row["id.greedy"]["values"] == [r["id"]["greedy"] for r in table["runs"] if r["algo"] == row["algo"]]
+    rl_runs = [r for r in table["runs"] if r["algo"] == "rl"]
+    assert all(r["rollouts"] == 2 * 2 * 2 for r in rl_runs)  # 2 steps × 2 prompts × 2 samples
+    assert all(r["rollouts"] == 0 for r in table["runs"] if r["algo"] == "sft")
+    assert (folder / "table.md").read_text().startswith("| method | seeds | ID greedy | ID avg@2 |")
+
+    # an interrupted cell (its last checkpoint lost) is resumed; the others are kept as they are
+    cell = folder / "runs" / "rl-s1"
+    shutil.rmtree(cell / "checkpoints" / "step-2")
+    kept = (folder / "runs" / "sft-s0" / "eval" / "test.json").stat().st_mtime_ns
+    again = subprocess.run([AMFT, *args[:-len(small_sets(tmp_path / "data"))], "--plain",
+                            *small_sets(tmp_path / "data")], cwd=tmp_path, env=ENV, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "rl-s1: resumed, evaluated" in again.stderr and "sft-s0: kept, eval kept" in again.stderr
+    assert (cell / "checkpoints" / "step-2").is_dir()
+    assert (folder / "runs" / "sft-s0" / "eval" / "test.json").stat().st_mtime_ns == kept
+
+    plotted = CliRunner().invoke(app, ["plot", "sweep", str(folder)])
+    assert plotted.exit_code == 0, plotted.output
+    assert (folder / "plots" / "sweep.png").is_file()
