@@ -153,6 +153,9 @@ def test_avg_at_k_counts_distinct_problems(luffy_dir):
     ("Friction.</think>\nANSWER: A", "wrong"),
     ("Gravity, so C.", "malformed"),  # no </think>
     ("Gravity.</think>\nIt is gravity.", "malformed"),  # no letter
+    ("Gravity.</think>\nAnswer: I think gravity.", "malformed"),  # "I" is a word here, not an option
+    ("Gravity.</think>\nThe force is \\boxed{9.8}.\nANSWER: C", "correct"),  # a box without a letter
+    ("Gravity.</think>\nThe answer is **C**\nbecause it pulls.", "correct"),
 ])
 def test_multiple_choice_is_graded_by_letter(luffy_dir, response, status):
     arc = mt.build_eval_splits(tcfg(luffy_dir))["arc_c"][0]

@@ -20,9 +20,10 @@ Where both rules depart from LUFFY's code:
 
 1. A gold answer that is one letter A-J is a multiple-choice answer graded by
    letter, not by math-verify: the letter in the last `\\boxed{}` (`B`, `(b)`,
-   `\\text{B}`), and under rule "luffy" also an "answer: B" / "answer is (B)"
-   phrase (GPQA's prompt asks for "ANSWER: $LETTER"). math-verify credits a
-   letter only inside LaTeX and would take any single-letter symbol for one.
+   `\\text{B}`), and under rule "luffy", when no box holds a letter, the last
+   "ANSWER: B" / "the answer is (B)." phrase that ends its line (GPQA's prompt
+   in LUFFY's file asks for "ANSWER: $LETTER"). math-verify credits a letter
+   only inside LaTeX and would take any single-letter symbol ("$c$") for one.
 2. Time bound: every math-verify call runs in a worker process killed after
    bounded_verify.DEADLINE_S (0.75 s) and then scores 0 ("timeout"); LUFFY
    runs it in-process with math-verify's 5 s signal timers. Answers nested
@@ -139,16 +140,19 @@ def gold_letter(gold: str) -> str | None:
     return text if len(text) == 1 and text in LETTERS else None
 
 
-_ANSWER_PHRASE = re.compile(r"answer\s*(?:is|:)?\s*[:\-]?\s*\**\s*\(?\s*\$?\s*([A-J])\b(?![-'])", re.IGNORECASE)
+# "ANSWER: C", "The answer is (C).", "answer: **C**": the letter ends its line, so "Answer: I think" is no answer
+_ANSWER_PHRASE = re.compile(r"answer\s*(?:is|:)?\s*[:\-]?\s*[*(]*\s*\$?\s*([A-J])\s*\$?[)*.]*[ \t]*(?:\n|$)",
+                            re.IGNORECASE)
 
 
 def _letter_in_text(text: str) -> str | None:
-    """Rule "luffy": the last boxed letter, else the last "answer: X" / "answer is (X)" phrase."""
+    """Rule "luffy": the letter in the last box, else in the last "answer: X" phrase ending its line."""
     boxed = last_boxed(text)
-    if boxed is not None:
-        return _mc_letter(boxed)
-    phrases = [m.group(1) for m in _ANSWER_PHRASE.finditer(text) if m.group(1).isupper()]
-    return phrases[-1] if phrases else None
+    letter = _mc_letter(boxed) if boxed is not None else None
+    if letter is None:
+        phrases = [m.group(1) for m in _ANSWER_PHRASE.finditer(text) if m.group(1).isupper()]
+        letter = phrases[-1] if phrases else None
+    return letter
 
 
 def _grade_letter(letter: str | None, gold: str, pred) -> Score:
