@@ -128,15 +128,19 @@ class MixConfig:
 
 @dataclass
 class AMFTConfig:
-    mu_init: float = knob(0.8, "μ₀ after warm-up. Authors' config: 0.8.")
-    mu_min: float = knob(0.05, "Lower clip of μ. Authors: 0.05.")
-    mu_max: float = knob(0.95, "Upper clip of μ. Authors: 0.95.")
+    mu_init: float = knob(0.8, "μ₀ after warm-up, inside [mu_min, mu_max]. Authors' config: 0.8.")
+    mu_min: float = knob(0.05, "Lower clip of μ, 0 <= mu_min < mu_max. Authors: 0.05.")
+    mu_max: float = knob(0.95, "Upper clip of μ, at most 1. Authors: 0.95. At μ = 1 (or 0) after warm-up AMFT "
+                         "still computes both signals (rollouts too), giving the absent one weight 0 in the "
+                         "update, so the controller keeps reading entropy and the meta-gradient and μ can "
+                         "move off the bound.")
     eta_meta: float = knob(1e-4, "Meta-gradient step η_meta. Authors: 1e-4.")
     eta_entropy: float = knob(5e-4, "Entropy-term step η_H in Δ_H = η_H(H* − H). Authors: 5e-4.")
     meta_every: int = knob(20, "K: meta-gradient update every K steps. Authors: 20.")
     warmup_steps: int = knob(50, "W: pure-SFT steps before the controller starts; H* is measured after them. Authors: 50.")
     utility: str = knob("reward", "Validation utility U: reward (verifier reward on held-out prompts) | nll (−NLL of held-out demos).")
-    meta_grad_norm: str = knob("cosine", "cosine: cosines instead of dot products, so η_meta is scale-free | raw: α·⟨∇U, g_RL − g_SFT⟩.")
+    meta_grad_norm: str = knob("cosine", "cosine: cos(∇U, dθ'/dμ), so η_meta is scale-free | raw: ⟨∇U, dθ'/dμ⟩; "
+                               "dθ'/dμ is the derivative of the real AdamW step (algo.py, departure 1).")
     meta_prompts: int = knob(8, "Held-out prompts (× group_size rollouts) per meta-gradient estimate of ∇U.")
 
 
@@ -238,7 +242,10 @@ def validate(cfg: Config) -> Config:
         (cfg.rl.backend in ("hf", "vllm"), "rl.backend", "hf or vllm"),
         (cfg.rl.loss_agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"), "rl.loss_agg",
          "token-mean, seq-mean-token-mean or seq-mean-token-sum"),
-        (0 <= cfg.amft.mu_min <= cfg.amft.mu_max <= 1, "amft.mu_min/mu_max", "0 <= mu_min <= mu_max <= 1"),
+        (0 <= cfg.amft.mu_min < cfg.amft.mu_max <= 1, "amft.mu_min/mu_max",
+         f"0 <= mu_min < mu_max <= 1, got {cfg.amft.mu_min} and {cfg.amft.mu_max}"),
+        (cfg.amft.mu_min <= cfg.amft.mu_init <= cfg.amft.mu_max, "amft.mu_init",
+         f"a value in [mu_min, mu_max] = [{cfg.amft.mu_min}, {cfg.amft.mu_max}], got {cfg.amft.mu_init}"),
         (cfg.amft.utility in ("reward", "nll"), "amft.utility", "reward or nll"),
         (cfg.amft.meta_grad_norm in ("cosine", "raw"), "amft.meta_grad_norm", "cosine or raw"),
         (cfg.amft.meta_every >= 1, "amft.meta_every", "an integer >= 1"),

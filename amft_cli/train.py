@@ -71,6 +71,36 @@ def apply_update(policy: Policy, optimizers: dict, g_sft: list | None, g_rl: lis
     return norm
 
 
+def adamw_view(optimizer: torch.optim.Optimizer, params: list, lr: float) -> algo.AdamW:
+    """A flattened copy of an AdamW's state before its next step, at rate lr (torch.cat copies,
+    so the real moments are never touched). Zeros and step 0 before its first step."""
+    group, states = optimizer.param_groups[0], [optimizer.state.get(p, {}) for p in params]
+
+    def moment(key: str) -> torch.Tensor:
+        return torch.cat([s[key].reshape(-1).float() if key in s else torch.zeros(p.numel(), device=p.device)
+                          for s, p in zip(states, params)])
+    step = int(states[0]["step"]) if "step" in states[0] else 0
+    return algo.AdamW(moment("exp_avg"), moment("exp_avg_sq"), step, lr, group["weight_decay"],
+                      tuple(group["betas"]), group["eps"])
+
+
+def update_derivative(policy: Policy, optimizers: dict, g_sft: list, g_rl: list, mu: float, cfg: Config,
+                      lr_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dθ'/dμ of the step `apply_update` takes with the same arguments, and each signal's own
+    full-weight step Δ_SFT, Δ_RL; all (P,). Reads the optimizers' state, never changes it."""
+    params, clip = policy.params, cfg.train.grad_clip
+    theta = algo.flatten_grads([p.detach() for p in params], params)
+    grad_sft, grad_rl = algo.flatten_grads(g_sft, params), algo.flatten_grads(g_rl, params)
+    if "rl" in optimizers:  # split: two AdamWs at rates μ·α_SFT and (1−μ)·α_RL
+        opt_sft = adamw_view(optimizers["sft"], params, cfg.train.lr * lr_scale)
+        opt_rl = adamw_view(optimizers["rl"], params, cfg.train.rl_lr * lr_scale)
+        step_sft, step_rl = algo.adamw_step(theta, grad_sft, opt_sft, clip), algo.adamw_step(theta, grad_rl, opt_rl, clip)
+        return algo.update_derivative_split(step_sft, step_rl, mu, opt_rl), step_sft, step_rl
+    opt = adamw_view(optimizers["sft"], params, cfg.train.lr * lr_scale)
+    return (algo.update_derivative_shared(grad_sft, grad_rl, mu, opt, clip),
+            algo.adamw_step(theta, grad_sft, opt, clip), algo.adamw_step(theta, grad_rl, opt, clip))
+
+
 def lr_factor(step: int, cfg: Config) -> float:
     """Learning-rate multiplier at `step`: linear warm-up, then constant or cosine decay."""
     t = cfg.train
@@ -194,13 +224,14 @@ def train_step(run: Run, method: Method, optimizers: dict) -> dict:
     timer, step, started = PhaseTimer(), run.cursors.step, time.perf_counter()
     mu = method.mu(step)
     metrics: dict = {"balance/mu": mu}
+    both = method.needs_both_signals(step)  # a controller reading both keeps μ = 1 or 0 from being a dead end
     g_sft = g_rl = None
     prompts: list[dict] = []
-    if mu < 1.0:
+    if mu < 1.0 or both:
         prompts = run.draw("rl", cfg.train.prompts_per_step)
         g_rl, loss_rl, rl_stats = rl_signal(run, prompts, method, timer)
         metrics.update({"loss/rl": loss_rl, **rl_stats})
-    if mu > 0.0:
+    if mu > 0.0 or both:
         with timer("losses"):
             demos = method.sft_examples(run, prompts)
             g_sft, loss_sft, sft_stats = sft_grads(policy, demos, cfg.train.micro_batch_size, method.sft_loss,
@@ -208,10 +239,11 @@ def train_step(run: Run, method: Method, optimizers: dict) -> dict:
         metrics.update({"loss/sft": loss_sft, "policy/entropy_demo": sft_stats.pop("entropy"),
                         **{f"sft/{k}": v for k, v in sft_stats.items()}})
     metrics["loss/total"] = algo.objective(mu, metrics.get("loss/sft"), metrics.get("loss/rl"))
+    lr_scale = lr_factor(step, cfg)
     with timer("controller"):
-        metrics.update(method.control(run, step, metrics, g_sft, g_rl))
+        metrics.update(method.control(run, step, metrics, g_sft, g_rl, lambda: update_derivative(
+            policy, optimizers, g_sft, g_rl, mu, cfg, lr_scale)))
     with timer("update"):
-        lr_scale = lr_factor(step, cfg)
         metrics["optim/grad_norm"] = apply_update(policy, optimizers, g_sft, g_rl, mu, cfg, lr_scale)
         metrics["optim/lr"] = cfg.train.lr * lr_scale
         policy.after_update()

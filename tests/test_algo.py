@@ -4,8 +4,6 @@ import math
 
 import pytest
 import torch
-from torch.func import functional_call
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from amft_cli import algo
 
@@ -131,85 +129,75 @@ def test_mu_never_leaves_its_bounds():
 
 def test_meta_gradient_cosine_of_zero_vector_is_zero():
     z = torch.zeros(3)
-    assert algo.meta_gradient(z, torch.ones(3), torch.zeros(3), 1.0, 1.0, "cosine") == 0.0
+    assert algo.meta_gradient(z, torch.ones(3), "cosine") == 0.0
+    assert algo.meta_gradient(torch.ones(3), z, "cosine") == 0.0
 
 
 # ---------------------------------------------------------------------------
-# the meta-gradient against a finite difference of U(θ'(μ)) on a real tiny model
+# dθ'/dμ of the real AdamW update (the FD checks against train.apply_update are in test_meta.py)
 
 
-def _tiny_model():
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=17, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    return Qwen2ForCausalLM(cfg).double()
+def fresh_adamw(size: int, lr: float, weight_decay: float = 0.0) -> algo.AdamW:
+    return algo.AdamW(torch.zeros(size), torch.zeros(size), 0, lr, weight_decay)
 
 
-def _batch(seed, rows=6, length=9):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 17, (rows, length), generator=g)
-    mask = torch.zeros(rows, length - 1, dtype=torch.float64)
-    mask[:, 3:] = 1.0  # the first 4 tokens are "prompt"
-    return ids, mask
+def test_two_parameter_example_moves_mu_the_way_the_real_update_does():
+    """Issue 8's example: split mode, both rates 0.1, first step, U = ⟨[1, 1.1], θ⟩. AdamW's first
+    step is −α·sign(g) per coordinate, so Δ_SFT = [0.1, −0.1], Δ_RL = [−0.1, 0.1] and
+    dU/dμ = ⟨[1, 1.1], Δ_SFT − Δ_RL⟩ = 0.2 − 0.22 = −0.02: μ must go DOWN (SGD's form said +0.399)."""
+    theta, g_u = torch.zeros(2), torch.tensor([1.0, 1.1])
+    g_sft, g_rl = torch.tensor([-1.0, 0.01]), torch.tensor([0.5, -0.5])
+    opt_sft, opt_rl = fresh_adamw(2, 0.1), fresh_adamw(2, 0.1)
+    step_sft, step_rl = algo.adamw_step(theta, g_sft, opt_sft), algo.adamw_step(theta, g_rl, opt_rl)
+    assert torch.allclose(step_sft, torch.tensor([0.1, -0.1]), atol=1e-6)
+    assert torch.allclose(step_rl, torch.tensor([-0.1, 0.1]), atol=1e-6)
+    derivative = algo.update_derivative_split(step_sft, step_rl, 0.5, opt_rl)
+    assert algo.meta_gradient(g_u, derivative, "raw") == pytest.approx(-0.02, abs=1e-6)
+    assert algo.meta_gradient(g_u, derivative, "cosine") < 0
 
 
-def _logprobs(model, params, ids):
-    logits = functional_call(model, params, (ids,)).logits[:, :-1]
-    return algo.token_logprobs(logits, ids[:, 1:]).double()
+def test_adamw_step_equals_torch_adamw_with_state_decay_and_clipping():
+    gen = torch.Generator().manual_seed(0)
+    param = torch.randn(5, generator=gen, dtype=torch.float64).requires_grad_(True)
+    opt = torch.optim.AdamW([param], lr=0.05, weight_decay=0.1)
+    for _ in range(3):
+        param.grad = torch.randn(5, generator=gen, dtype=torch.float64)
+        opt.step()
+    grad = 3.0 * torch.randn(5, generator=gen, dtype=torch.float64)  # norm > 1: clipping is active
+    state = opt.state[param]
+    view = algo.AdamW(state["exp_avg"].clone(), state["exp_avg_sq"].clone(), int(state["step"]), 0.05, 0.1)
+    predicted = algo.adamw_step(param.detach(), grad, view, max_norm=1.0)
+    before = param.detach().clone()
+    param.grad = grad.clone()
+    torch.nn.utils.clip_grad_norm_([param], 1.0)
+    opt.step()
+    torch.testing.assert_close(predicted.double(), param.detach() - before, rtol=1e-5, atol=1e-7)
 
 
-def _losses(model, params):
-    """L_SFT on demos, L_RL on fixed samples with fixed advantages, U = −NLL or the PG surrogate."""
-    sft_ids, sft_mask = _batch(1)
-    rl_ids, rl_mask = _batch(2)
-    val_ids, val_mask = _batch(3)
-    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0], dtype=torch.float64)
-    l_sft = algo.sft_loss(_logprobs(model, params, sft_ids), sft_mask)
-    lp = _logprobs(model, params, rl_ids)
-    l_rl, _ = algo.policy_loss(lp, lp.detach(), adv, rl_mask)
-    val_lp = _logprobs(model, params, val_ids)
-    u_nll = -algo.sft_loss(val_lp, val_mask)
-    u_reward = algo.masked_mean(adv.flip(0).unsqueeze(-1) * val_lp, val_mask)  # advantage-weighted log π
-    return l_sft, l_rl, {"nll": u_nll, "reward": u_reward}
+def test_split_derivative_with_weight_decay_by_hand():
+    """θ' = (θ + μΔ_SFT)(1 − (1−μ)αλ) − (1−μ)α·d: at μ = 0.25, α = 0.5, λ = 0.2 the Δ_SFT factor is
+    1 + (2·0.25 − 1)·0.5·0.2 = 0.95."""
+    rl = fresh_adamw(1, 0.5, weight_decay=0.2)
+    out = algo.update_derivative_split(torch.tensor([2.0]), torch.tensor([0.3]), 0.25, rl)
+    assert out.item() == pytest.approx(0.95 * 2.0 - 0.3)
 
 
-@pytest.mark.parametrize("utility", ["nll", "reward"])
-@pytest.mark.parametrize("lrs", [(1e-3, 1e-3), (5e-4, 2e-3)])
-def test_meta_gradient_matches_finite_difference(utility, lrs):
-    lr_rl, lr_sft = lrs
-    model = _tiny_model()
-    names = [n for n, _ in model.named_parameters()]
-    theta = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
-    l_sft, l_rl, utilities = _losses(model, theta)
-    params = list(theta.values())
-    flat = lambda loss: algo.flatten_grads(torch.autograd.grad(loss, params, retain_graph=True), params)
-    g_sft, g_rl, g_u = flat(l_sft), flat(l_rl), flat(utilities[utility])
-
-    def u_after_step(mu: float) -> float:
-        step = (1 - mu) * lr_rl * g_rl + mu * lr_sft * g_sft
-        new, offset = {}, 0
-        for n in names:
-            p = theta[n]
-            new[n] = (p - step[offset:offset + p.numel()].view_as(p)).detach()
-            offset += p.numel()
-        with torch.no_grad():
-            return _losses(model, new)[2][utility].item()
-
-    mu, h = 0.6, 1e-2
-    finite_diff = (u_after_step(mu + h) - u_after_step(mu - h)) / (2 * h)
-    raw = algo.meta_gradient(g_u, g_rl, g_sft, lr_rl, lr_sft, "raw")
-    cosine = algo.meta_gradient(g_u, g_rl, g_sft, lr_rl, lr_sft, "cosine")
-    assert abs(finite_diff) > 1e-9
-    assert abs(raw - finite_diff) / abs(finite_diff) < 0.10
-    assert math.copysign(1, raw) == math.copysign(1, finite_diff)
-    assert math.copysign(1, cosine) == math.copysign(1, finite_diff)
-    assert -1.0 <= cosine <= 1.0
+def test_shared_derivative_by_hand():
+    """One coordinate after one step with g = 1 (m₀ = 0.1, v₀ = 0.001, t = 2: bc₁ = 0.19,
+    bc₂ = 0.001999); g_SFT = 3, g_RL = −1, μ = 0.5: g = 1, dg/dμ = 4, m = 0.19, v = 0.001999,
+    D = 1 + ε, dm = 0.4, dD = 0.001·1·4/0.001999; dθ'/dμ = −(α/bc₁)·(dm·D − m·dD)/D²."""
+    opt = algo.AdamW(torch.tensor([0.1]), torch.tensor([0.001]), 1, lr=0.1)
+    out = algo.update_derivative_shared(torch.tensor([3.0]), torch.tensor([-1.0]), 0.5, opt)
+    expected = -(0.1 / 0.19) * (0.4 - 0.19 * 0.004 / 0.001999)
+    assert out.item() == pytest.approx(expected, rel=1e-4)
+    # clipping is checked against the real update (torch's clip_grad_norm_ + AdamW) in test_meta.py
 
 
 def test_meta_gradient_sign_moves_mu_toward_the_helpful_signal():
-    """If only SFT's descent direction raises U, μ must go up; the authors' code moved it down."""
+    """If only SFT's step raises U, μ must go up; the authors' code moved it down."""
     g_u = torch.tensor([1.0, 0.0])
-    g_sft = torch.tensor([-1.0, 0.0])  # descent −g_SFT = +e1 raises U
-    g_rl = torch.tensor([0.0, 1.0])    # orthogonal to ∇U
-    assert algo.meta_gradient(g_u, g_rl, g_sft, 0.1, 0.1, "raw") == pytest.approx(0.1)
-    assert algo.meta_gradient(g_u, g_rl, g_sft, 0.1, 0.1, "cosine") > 0
+    step_sft = torch.tensor([0.1, 0.0])  # raises U
+    step_rl = torch.tensor([0.0, 0.1])   # orthogonal to ∇U
+    derivative = algo.update_derivative_split(step_sft, step_rl, 0.5, fresh_adamw(2, 0.1))
+    assert algo.meta_gradient(g_u, derivative, "raw") == pytest.approx(0.1)
+    assert algo.meta_gradient(g_u, derivative, "cosine") > 0

@@ -5,12 +5,13 @@ are random tensors), so this follows the paper's derivation (DESIGN §1):
   1. warm-up: [amft] warmup_steps of pure SFT (μ = 1); then H*, the mean token
      entropy on held-out demonstration responses, is measured once;
   2. every step after: Δ_H = η_H·(H* − H) from the rollouts' entropy;
-  3. every meta_every steps: Δ_meta = η_meta·dU/dμ, a one-step lookahead on a
-     held-out utility U (algo.meta_gradient);
+  3. every meta_every steps: Δ_meta = η_meta·dU(θ')/dμ, a one-step lookahead on a
+     held-out utility U: dθ'/dμ of the REAL AdamW update is taken before the step
+     (`control`), ∇U at θ' after it (`after_update`), algo.meta_gradient;
   4. μ ← clip(μ + Δ_meta + Δ_H, μ_min, μ_max).
-Departures are listed in algo.py's docstring (first-order meta-gradient, cosine
-normalisation, the authors' sign error fixed). The warm-up is known here only.
-"""
+After warm-up both signals are computed at every μ, so μ = 1 (mu_max = 1) is not a
+dead end. Departures are listed in algo.py's docstring (the meta-gradient through
+AdamW, cosine normalisation, the authors' sign error fixed). The warm-up is known here only."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class AMFT(Method):
     def __init__(self, cfg: Config, policy: Policy) -> None:
         super().__init__(cfg, policy)
         self.state = ControllerState(mu=cfg.amft.mu_init)
+        self._pending: tuple = (None, None)  # (rollout entropy, lookahead) from control to after_update
 
     def in_warmup(self, step: int) -> bool:
         return step < self.cfg.amft.warmup_steps
@@ -49,12 +51,27 @@ class AMFT(Method):
     def mu(self, step: int) -> float:
         return 1.0 if self.in_warmup(step) else self.state.mu
 
-    def control(self, run: Run, step: int, metrics: dict, g_sft: list | None, g_rl: list | None) -> dict:
+    def needs_both_signals(self, step: int) -> bool:
+        return not self.in_warmup(step)
+
+    def meta_step_due(self, step: int) -> bool:
+        """Every meta_every steps after warm-up, starting with the first one."""
+        return not self.in_warmup(step) and (step - self.cfg.amft.warmup_steps) % self.cfg.amft.meta_every == 0
+
+    def control(self, run: Run, step: int, metrics: dict, g_sft: list | None, g_rl: list | None,
+                lookahead: Callable[[], tuple]) -> dict:
+        """Before the step: H* at the end of warm-up, dθ'/dμ of the step on meta-gradient steps."""
         if step == self.cfg.amft.warmup_steps and self.state.entropy_target is None:
             self.state.entropy_target = measure_entropy_target(run.policy, run.val_set)
             run.on_message(f"warm-up done after {step} steps: entropy target H* = {self.state.entropy_target:.3f}")
-        out = controller_step(run.policy, self.cfg, self.state, step, metrics.get("policy/entropy"), g_sft, g_rl,
-                              lambda: utility_grad(run, self))
+        due = self.meta_step_due(step) and g_sft is not None and g_rl is not None
+        self._pending = (metrics.get("policy/entropy"), lookahead() if due else None)
+        return {}
+
+    def after_update(self, run: Run, step: int) -> dict:
+        """After the step θ → θ': the μ update, with ∇U at θ'."""
+        entropy, derivative = self._pending
+        out = controller_step(self.cfg, self.state, step, entropy, derivative, lambda: utility_grad(run, self))
         return {**out, "balance/warmup": float(self.in_warmup(step))}
 
     def state_dict(self) -> dict:
@@ -64,21 +81,36 @@ class AMFT(Method):
         self.state = ControllerState(**state)
 
 
-def controller_step(policy: Policy, cfg: Config, state: ControllerState, step: int, entropy: float | None,
-                    g_sft, g_rl, utility: Callable[[], torch.Tensor]) -> dict:
-    """AMFT's μ update after a step at θ (DESIGN §1, steps 2–4). Returns balance/* metrics."""
-    meta_update = 0.0
+def controller_step(cfg: Config, state: ControllerState, step: int, entropy: float | None,
+                    lookahead: tuple | None, utility: Callable[[], torch.Tensor]) -> dict:
+    """AMFT's μ update right after the step θ → θ' (DESIGN §1, steps 2–4). Returns balance/* metrics.
+
+    entropy: the step's rollout entropy H. lookahead: (dθ'/dμ, Δ_SFT, Δ_RL) of that step,
+    computed before it was taken, on meta-gradient steps (None otherwise). utility(): ∇U at θ' (P,).
+    """
+    metrics: dict = {"balance/meta_update": 0.0}
     if step >= cfg.amft.warmup_steps and entropy is not None and state.entropy_target is not None:
         state.entropy_term = algo.entropy_term(entropy, state.entropy_target, cfg.amft.eta_entropy)
         delta_meta = 0.0
-        if (step - cfg.amft.warmup_steps) % cfg.amft.meta_every == 0 and g_sft is not None and g_rl is not None:
-            state.meta_grad = algo.meta_gradient(
-                utility(), algo.flatten_grads(g_rl, policy.params), algo.flatten_grads(g_sft, policy.params),
-                cfg.train.rl_lr or cfg.train.lr, cfg.train.lr, cfg.amft.meta_grad_norm)
-            delta_meta, meta_update = cfg.amft.eta_meta * state.meta_grad, 1.0
+        if lookahead is not None:
+            metrics.update(meta_step(cfg, state, lookahead, utility()))
+            delta_meta = cfg.amft.eta_meta * state.meta_grad
         state.mu = algo.update_mu(state.mu, delta_meta, state.entropy_term, cfg.amft.mu_min, cfg.amft.mu_max)
-    return {"balance/meta_grad": state.meta_grad, "balance/meta_update": meta_update,
-            "balance/entropy_term": state.entropy_term, "balance/entropy_target": state.entropy_target}
+    return {**metrics, "balance/meta_grad": state.meta_grad, "balance/entropy_term": state.entropy_term,
+            "balance/entropy_target": state.entropy_target}
+
+
+def meta_step(cfg: Config, state: ControllerState, lookahead: tuple, grad_utility: torch.Tensor) -> dict:
+    """dU(θ')/dμ = ⟨∇U(θ'), dθ'/dμ⟩ into state.meta_grad; returns what a researcher needs to trust
+    it: the raw and cosine forms, cos(∇U, each signal's own step) and the signal the step favoured."""
+    derivative, step_sft, step_rl = lookahead
+    raw = algo.meta_gradient(grad_utility, derivative, "raw")
+    normalised = algo.meta_gradient(grad_utility, derivative, "cosine")
+    state.meta_grad = raw if cfg.amft.meta_grad_norm == "raw" else normalised
+    return {"balance/meta_update": 1.0, "balance/meta_grad_raw": raw, "balance/meta_grad_cosine": normalised,
+            "balance/cos_utility_sft_step": algo.cosine(grad_utility, step_sft),
+            "balance/cos_utility_rl_step": algo.cosine(grad_utility, step_rl),
+            "balance/meta_favours": 1.0 if raw > 0 else -1.0 if raw < 0 else 0.0}  # +1 SFT (μ up), −1 RL
 
 
 def utility_grad(run: Run, method: Method) -> torch.Tensor:

@@ -1,21 +1,25 @@
 """What a method can change, as hooks the loop calls in this order every step:
 
     mu(step)                                  the balance μ of L = μ·L_SFT + (1−μ)·L_RL
+    needs_both_signals(step)                  compute g_RL and g_SFT even at μ = 1 or 0
     samples_per_prompt()                      rollouts sampled per prompt        ┐ only when
-    shape_rollouts(run, rollouts, examples)   e.g. add off-policy rows to groups │ μ < 1
+    shape_rollouts(run, rollouts, examples)   e.g. add off-policy rows to groups │ μ < 1 (*)
     observe(run, examples, rollouts, ...)     see the scored groups (buffers)    │
     advantages(rewards, rollouts)             per-row advantages                 │
     rl_loss(logprobs, mask, batch, rows, ...) the RL loss of a micro-batch       ┘
     sft_examples(run, rl_examples)            the demonstrations of this step    ┐ only when
-    sft_loss(logprobs, mask, entropy, n)      the SFT loss of a micro-batch      ┘ μ > 0
-    control(run, step, metrics, g_sft, g_rl)  update the method's own state (AMFT's μ)
+    sft_loss(logprobs, mask, entropy, n)      the SFT loss of a micro-batch      ┘ μ > 0 (*)
+    control(run, step, metrics, g_sft, g_rl, lookahead)  the method's own state, before the update
     after_update(run, step)                   extra work after the optimizer step
     state_dict() / load_state_dict(state)     the method's state, for exact resume
 
+(*) or whenever needs_both_signals(step).
 The defaults are GRPO (group advantages, PPO clip, optional KL) and token-mean NLL.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -41,6 +45,11 @@ class Method:
     def mu(self, step: int) -> float:
         """μ at 0-based `step`: 1 = SFT only (no rollouts), 0 = RL only (no demonstrations)."""
         raise NotImplementedError
+
+    def needs_both_signals(self, step: int) -> bool:
+        """True: sample rollouts at μ = 1 and demonstrations at μ = 0 too (a controller that reads
+        both signals); the update still gives the weightless one weight 0."""
+        return False
 
     # --- the RL batch
 
@@ -80,8 +89,11 @@ class Method:
 
     # --- the method's own state
 
-    def control(self, run: Run, step: int, metrics: dict, g_sft: list | None, g_rl: list | None) -> dict:
-        """After both signals are computed at θ, before the update. Returns metrics."""
+    def control(self, run: Run, step: int, metrics: dict, g_sft: list | None, g_rl: list | None,
+                lookahead: Callable[[], tuple]) -> dict:
+        """After both signals are computed at θ, before the update. lookahead() computes
+        (dθ'/dμ, Δ_SFT, Δ_RL), all (P,), of the update about to be taken (train.update_derivative).
+        Returns metrics."""
         return {}
 
     def after_update(self, run: Run, step: int) -> dict:
