@@ -245,9 +245,9 @@ def update_derivative_shared(grad_sft: torch.Tensor, grad_rl: torch.Tensor, mu: 
     """dθ'/dμ in shared mode: one AdamW step on g(μ) = μ·g_SFT + (1−μ)·g_RL. grads (P,) -> (P,).
 
     With c(μ) the clip factor and ĝ = c·g: m = β₁m₀ + (1−β₁)ĝ, v = β₂v₀ + (1−β₂)ĝ²,
-    D = √v/√bc₂ + ε, θ' = θ(1 − αλ) − (α/bc₁)·m/D. Per coordinate
-        dĝ = c·(g_SFT − g_RL) + c'·g,  c' = −max_norm·⟨g, g_SFT − g_RL⟩ / (‖g‖·(‖g‖ + 1e-6)²) when clipping,
-        dθ'/dμ = −(α/bc₁)·(dm·D − m·dD)/D²,  dm = (1−β₁)dĝ,  dD = (1−β₂)·ĝ·dĝ/(√v·√bc₂).
+    D = √v/√bc₂ + ε, θ' = θ(1 − αλ) − (α/bc₁)·m/D. Per coordinate, with δ = g_SFT − g_RL,
+        dĝ = c·δ + c'·g,   c' = −max_norm·⟨g, δ⟩ / (‖g‖·(‖g‖ + 1e-6)²) when clipping (else 0),
+        dθ'/dμ = −(α/bc₁)·(dm·D − m·dD)/D²,   dm = (1−β₁)·dĝ,   dD = (1−β₂)·ĝ·dĝ/(√v·√bc₂).
     Weight decay does not depend on μ. Coordinates with v = 0 have ĝ = 0 and dD = 0.
     """
     beta1, beta2 = opt.betas

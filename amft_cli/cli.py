@@ -18,6 +18,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from amft_cli import methods, report
 from amft_cli.config import Config, ConfigError, apply_overrides, field_help, list_presets, load_preset, validate
@@ -419,7 +420,8 @@ def main() -> None:
     except (ValueError, FileNotFoundError) as e:
         if not _is_user_error(e):
             raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # escaped: a message's "[a, b]" is text, not rich markup
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("[red]aborted[/]")

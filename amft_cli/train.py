@@ -94,7 +94,8 @@ def update_derivative(policy: Policy, optimizers: dict, g_sft: list, g_rl: list,
     if "rl" in optimizers:  # split: two AdamWs at rates μ·α_SFT and (1−μ)·α_RL
         opt_sft = adamw_view(optimizers["sft"], params, cfg.train.lr * lr_scale)
         opt_rl = adamw_view(optimizers["rl"], params, cfg.train.rl_lr * lr_scale)
-        step_sft, step_rl = algo.adamw_step(theta, grad_sft, opt_sft, clip), algo.adamw_step(theta, grad_rl, opt_rl, clip)
+        step_sft = algo.adamw_step(theta, grad_sft, opt_sft, clip)
+        step_rl = algo.adamw_step(theta, grad_rl, opt_rl, clip)
         return algo.update_derivative_split(step_sft, step_rl, mu, opt_rl), step_sft, step_rl
     opt = adamw_view(optimizers["sft"], params, cfg.train.lr * lr_scale)
     return (algo.update_derivative_shared(grad_sft, grad_rl, mu, opt, clip),

@@ -74,6 +74,8 @@ def test_preset_file_with_a_wrongly_typed_value(tmp_path):
     (["--set", "train.steps"], "key.sub=value"),
     (["--algo", "bogus"], "train.algo"),
     (["--set", "rl.group_size=1"], "rl.group_size"),
+    (["--set", "amft.mu_min=0.9", "--set", "amft.mu_max=0.5"], "amft.mu_min/mu_max: expected 0 <= mu_min < mu_max"),
+    (["--set", "amft.mu_init=1.0"], "amft.mu_init: expected a value in [mu_min, mu_max] = [0.05, 0.95], got 1.0"),
 ])
 def test_bad_train_flags(tmp_path, args, fragment):
     result = amft("train", *args, cwd=tmp_path)
