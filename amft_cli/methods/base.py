@@ -14,6 +14,7 @@
     state_dict() / load_state_dict(state)     the method's state, for exact resume
 
 (*) or whenever needs_both_signals(step).
+
 The defaults are GRPO (group advantages, PPO clip, optional KL) and token-mean NLL.
 """
 
