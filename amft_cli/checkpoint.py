@@ -10,11 +10,14 @@ intact and no half folder under a step-N name.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
 
 import torch
+
+from amft_cli.fsio import REASONS, FileProblem, describe, disk_full, disk_note, user_io
 
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -34,26 +37,50 @@ def checkpoint_dirs(run_dir: Path) -> dict[int, Path]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep: int = 2) -> Path:
-    """Write step-N atomically, then drop all but the newest `keep` checkpoints."""
+    """Write step-N atomically, then drop all but the newest `keep` checkpoints.
+
+    A failed write (full disk, Ctrl-C, a library error) removes its temp folder and
+    leaves the previous checkpoints as they were; a full disk or a read-only one is
+    reported in one line (FileProblem) saying which disk and how to go on.
+    """
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
+    with user_io(root, "creating the checkpoints folder"):
+        root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    torch.save(trainer_state, tmp / STATE_FILE)
-    with open(tmp / STATE_FILE, "rb") as f:
-        os.fsync(f.fileno())
-    replaced = _hide(final) if final.exists() else None  # re-saving a step (Ctrl-C right after a save)
-    os.rename(tmp, final)
+    try:
+        _write(tmp, model, tokenizer, trainer_state)
+    except BaseException as e:
+        full = disk_full(e, root)  # judged before the cleanup frees the space again
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            last = max(checkpoint_dirs(run_dir), default=None)
+            kept = f"the last complete checkpoint is step-{last}" if last is not None else "no checkpoint yet"
+            raise FileProblem(f"{root}: no space left on device writing checkpoint step-{step} "
+                              f"({disk_note(root)}); removed the partial folder, {kept}: free some space, "
+                              f"then `amft train --resume {run_dir}`") from None
+        if isinstance(e, OSError) and e.errno in REASONS:
+            raise FileProblem(describe(e, tmp, f"writing checkpoint step-{step}")) from None
+        raise
+    with user_io(root, f"publishing checkpoint step-{step}"):
+        replaced = _hide(final) if final.exists() else None  # re-saving a step (Ctrl-C right after a save)
+        os.rename(tmp, final)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
     for old_step, path in list(checkpoint_dirs(run_dir).items())[:-max(keep, 1)]:
         shutil.rmtree(_hide(path), ignore_errors=True)
-    for stale in root.glob(".*-step-*"):  # temp and half-deleted folders of killed runs
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(".*-step-*"):  # temp and half-deleted folders of killed runs (the run lock
+        shutil.rmtree(stale, ignore_errors=True)  # guarantees none belongs to a live writer)
     return final
+
+
+def _write(folder: Path, model, tokenizer, trainer_state: dict) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    torch.save(trainer_state, folder / STATE_FILE)
+    with open(folder / STATE_FILE, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _hide(path: Path) -> Path:
@@ -65,7 +92,15 @@ def _hide(path: Path) -> Path:
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
-    return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)
+    """The trainer state of a checkpoint; a damaged file is a one-line FileProblem."""
+    path = Path(checkpoint) / STATE_FILE
+    with user_io(path, "reading the trainer state"):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # torch's words for a damaged zip
+            reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            raise FileProblem(f"{path}: damaged or truncated ({reason}); delete {checkpoint} to resume "
+                              "from the checkpoint before it") from None
 
 
 def rng_state(sampling_generator: torch.Generator) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -162,20 +162,27 @@ def prepare(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET
         prepare_data(cfg, force=force, log=console.print, eval_only=eval_only)
 
 
-def _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwrite) -> tuple[Config, Path]:
-    """(config, run directory) of `amft train`; an existing run is replaced only with --overwrite."""
-    if resume is not None:
-        if not (resume / "config.toml").is_file():
-            raise ConfigError(f"--resume {resume}: no config.toml there — is it a run directory?")
-        return resolve_config(str(resume / "config.toml"), overrides, seed, algo, steps), resume
-    cfg = resolve_config(preset, overrides, seed, algo, steps)
-    out = run_dir or default_run_dir(preset, cfg, algo, seed)
-    if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
-        if not overwrite:
-            raise ConfigError(f"{out} already holds a run: --resume {out} continues it, --overwrite replaces "
-                              f"it, --run-dir picks another directory")
-        shutil.rmtree(out)
-    return cfg, out
+@contextlib.contextmanager
+def _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwrite):
+    """(config, run directory) of `amft train`, held under the directory's lock (one writer per run,
+    taken before anything is written); an existing run is replaced only with --overwrite."""
+    from amft_cli.rundir import RunLock, clear_run, holds_run
+
+    if resume is not None and not resume.is_dir():
+        raise ConfigError(f"--resume {resume}: no such directory")
+    cfg = resolve_config(preset, overrides, seed, algo, steps) if resume is None else None
+    out = resume if resume is not None else run_dir or default_run_dir(preset, cfg, algo, seed)
+    with RunLock(out):
+        if resume is not None:
+            if not (resume / "config.toml").is_file():
+                raise ConfigError(f"--resume {resume}: no config.toml there — is it a run directory?")
+            cfg = resolve_config(str(resume / "config.toml"), overrides, seed, algo, steps)
+        elif holds_run(out):
+            if not overwrite:
+                raise ConfigError(f"{out} already holds a run: --resume {out} continues it, --overwrite replaces "
+                                  f"it, --run-dir picks another directory")
+            clear_run(out)
+        yield cfg, out
 
 
 def train_document(cfg: Config, out: Path, result) -> dict:
@@ -205,8 +212,8 @@ def train(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET, 
 
     Example: amft train --preset tiny-gp --algo sft --seed 1 --steps 600
     """
-    with stdout_reserved(json_out) as stdout:
-        cfg, out = _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwrite)
+    with stdout_reserved(json_out) as stdout, \
+            _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwrite) as (cfg, out):
         # imported only now so that config mistakes are reported without loading torch (~3 s)
         from amft_cli.dashboard import Dashboard
         from amft_cli.data import is_prepared, prepare as prepare_data
@@ -411,10 +418,20 @@ def _is_user_error(e: BaseException) -> bool:
     return isinstance(e, FileNotFoundError) or not frames or "amft_cli" in frames[-1].filename
 
 
+class Interrupted(BaseException):
+    """Ctrl-C outside the training loop's own handler (typer turns a KeyboardInterrupt into a
+    silent exit 130, so main's handler raises this instead and says what happened)."""
+
+
+def _interrupt(signum, frame):
+    raise Interrupted
+
+
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
     # ModelError, RunDirError, EvalError and PlotError are ValueErrors: importing their modules
     # here would load torch and transformers (~3 s) before every --help or one-line error.
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         app()
     except (ValueError, FileNotFoundError) as e:
@@ -423,6 +440,7 @@ def main() -> None:
         # escaped: a message's "[a, b]" is text, not rich markup
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("[red]aborted[/]")
+    except (Interrupted, KeyboardInterrupt):
+        err_console.print("[red]interrupted:[/] stopped by Ctrl-C (a run keeps its last checkpoint: "
+                          "--resume continues it)", highlight=False, soft_wrap=True)
         sys.exit(130)

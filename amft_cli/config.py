@@ -9,6 +9,7 @@ the project.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,9 @@ class TrainConfig:
     lr_min_ratio: float = knob(0.1, "cosine only: final learning rate as a fraction of the initial one.")
     log_every: int = knob(10, "Plain log line every N steps off a terminal (metrics.jsonl gets every step).")
     save_every: int = knob(100, "Checkpoint every N steps (and at the end, and on Ctrl-C).")
+    max_skipped_steps: int = knob(5, "A step whose loss, gradient or μ is not finite is skipped (weights, "
+                                  "optimizer and μ untouched, logged as optim/skipped); this many in a row "
+                                  "stop the run with an error, keeping the last checkpoint.")
     keep_checkpoints: int = knob(2, "How many step-N checkpoints to keep.")
     eval_at_end: bool = knob(True, "Greedy accuracy on unseen ID test problems before and after training.")
     eval_limit: int = knob(500, "Test examples used by eval_at_end.")
@@ -233,7 +237,7 @@ def validate(cfg: Config) -> Config:
         (cfg.task.prompt in ("file", "instruction"), "task.prompt", "file or instruction"),
         (cfg.task.grader in ("luffy", "boxed"), "task.grader", "luffy or boxed"),
         (cfg.train.steps >= 1, "train.steps", "an integer >= 1"),
-        (cfg.train.lr > 0, "train.lr", "a positive float"),
+        (cfg.train.lr > 0, "train.lr", "a positive float"),  # finite: checked below for every float
         (cfg.train.rl_lr >= 0, "train.rl_lr", "0 (shared optimizer) or a positive float"),
         (0 <= cfg.mix.mu <= 1, "mix.mu", "a float in [0, 1]"),
         (cfg.sft_rl.switch_step >= 0, "sft_rl.switch_step", "an integer >= 0"),
@@ -260,10 +264,38 @@ def validate(cfg: Config) -> Config:
         (cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32, bfloat16 or float16"),
         (cfg.eval.k >= 1, "eval.k", "an integer >= 1"),
     ]
+    t = cfg.train
+    checks += [(cfg.seed in SEEDS, "seed", f"an integer in 0..{SEEDS[-1]}"),
+               (cfg.task.seed in SEEDS, "task.seed", f"an integer in 0..{SEEDS[-1]}")]
+    checks += [(value >= 1, key, "an integer >= 1") for key, value in (
+        ("train.sft_batch_size", t.sft_batch_size), ("train.prompts_per_step", t.prompts_per_step),
+        ("train.save_every", t.save_every), ("train.log_every", t.log_every),
+        ("train.keep_checkpoints", t.keep_checkpoints), ("train.max_skipped_steps", t.max_skipped_steps),
+        ("rl.max_new_tokens", cfg.rl.max_new_tokens), ("amft.meta_prompts", cfg.amft.meta_prompts),
+        ("eval.batch_size", cfg.eval.batch_size), ("eval.max_new_tokens", cfg.eval.max_new_tokens))]
+    checks += [(value >= 0, key, "an integer >= 0") for key, value in (
+        ("train.micro_batch_size", t.micro_batch_size), ("train.lr_warmup_steps", t.lr_warmup_steps),
+        ("train.eval_limit", t.eval_limit), ("amft.warmup_steps", cfg.amft.warmup_steps),
+        ("eval.limit", cfg.eval.limit))]
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f"{key}: expected {expected}")
+    for key, value in _floats(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value}")
     return cfg
+
+
+SEEDS = range(2**32)  # torch seeds must fit in 64 bits; the data streams multiply the seed by ~1e6
+
+
+def _floats(cfg: Config):
+    """(key, value) of every float knob."""
+    for name, section in [("", cfg)] + [(n, getattr(cfg, n)) for n in SECTIONS]:
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, float):
+                yield f"{name + '.' if name else ''}{f.name}", value
 
 
 # ---------------------------------------------------------------------------
@@ -359,8 +391,10 @@ def list_presets() -> dict[str, str]:
     """name -> one-line description, for every presets/*.toml."""
     out = {}
     for path in sorted(presets_dir().glob("*.toml")):
-        with open(path, "rb") as f:
-            out[path.stem] = tomllib.load(f).get("description", "")
+        try:
+            out[path.stem] = _read_toml(path).get("description", "")
+        except ConfigError as e:
+            out[path.stem] = f"(unusable: {e})"
     return out
 
 
@@ -372,13 +406,22 @@ def load_preset(name_or_path: str) -> Config:
     if not path.is_file():
         names = ", ".join(list_presets()) or "none found"
         raise ConfigError(f"--preset {name_or_path!r}: no such preset or TOML file (presets: {names})")
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    data = _read_toml(path)
     data.setdefault("preset", path.stem)
     return from_dict(data, str(path))
+
+
+def _read_toml(path: Path) -> dict:
+    """A TOML file's data; an unreadable or non-TOML file is a one-line ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a TOML text file (byte {e.start + 1} is not UTF-8)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
 
 
 def to_dict(cfg: Config) -> dict:

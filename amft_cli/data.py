@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Callable
 
 from amft_cli.config import Config, ConfigError
+from amft_cli.fsio import user_io
 from amft_cli.tasks import get_task
-from amft_cli.tasks.base import prompt_text, read_jsonl, write_jsonl
+from amft_cli.tasks.base import prompt_text, read_examples, read_jsonl, write_jsonl
 
 RECORD = "prepared.json"
 NOT_DATA = ("reward", "data_dir")  # task knobs that do not change what prepare writes
@@ -79,25 +80,28 @@ def prepare(cfg: Config, force: bool = False, log: Callable[[str], None] = print
     sizes: dict[str, int] = {}
     replace = force or is_stale(cfg)
     if replace or not present:
-        sizes = _write_splits(cfg, task, eval_only, replace, log)
+        with user_io(cfg.task.data_dir, "writing the data splits"):
+            sizes = _write_splits(cfg, task, eval_only, replace, log)
     if not eval_only and cfg.model.init == "tiny" and (force or not (Path(cfg.model.path) / "config.json").is_file()):
         from amft_cli.model import build_tiny_model, count_parameters, load_policy
 
         texts = (prompt_text(ex["prompt"]) + ex["demonstration"]
                  for split in task.SPLITS if split_path(cfg, split).is_file()
                  for ex in read_jsonl(split_path(cfg, split)))
-        path = build_tiny_model(cfg.model, texts, Path(cfg.model.path), seed=cfg.seed)
+        with user_io(cfg.model.path, "writing the tiny model"):
+            path = build_tiny_model(cfg.model, texts, Path(cfg.model.path), seed=cfg.seed)
         model, _ = load_policy(cfg.model, trainable=False)
         log(f"built tiny {cfg.model.arch} model ({count_parameters(model) / 1e6:.2f}M parameters) at {path}/")
     return sizes
 
 
 def load_split(cfg: Config, split: str, limit: int = 0) -> list[dict]:
-    """Examples of one split (the first `limit` if > 0), or a one-line error saying how to create them."""
+    """Examples of one split (the first `limit` if > 0), or a one-line error saying how to create them.
+    Every row is checked (tasks.base.read_examples), so a bad one fails before training starts."""
     path = split_path(cfg, split)
     if not path.is_file():
         raise ConfigError(f"{path}: split {split!r} not found; run `amft prepare` with the same preset first")
-    examples = read_jsonl(path)
+    examples = read_examples(path)
     if not examples:
         raise ConfigError(f"{path}: split {split!r} is empty")
     return examples[:limit] if limit > 0 else examples

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from amft_cli.config import Config
 from amft_cli.data import load_split, prepare
+from amft_cli.fsio import user_io
 from amft_cli.rundir import split_files
 from amft_cli.tasks import get_task
 from amft_cli.tasks.base import read_jsonl, write_jsonl
@@ -282,10 +283,11 @@ def run_eval(cfg: Config, model_path: str | Path, out_dir: str | Path, which: st
             metrics["ood"] = plan[split]["ood"]
             record = {"split": split, "task": cfg.task.name, "checkpoint": model_path, "set_size": len(sets[split]),
                       "settings": {**s, "k": split_k, "greedy_only": greedy_only}, "metrics": metrics}
-            out_dir.mkdir(parents=True, exist_ok=True)
-            scores_file, samples_file = split_files(out_dir, split)
-            scores_file.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-            write_jsonl(samples_file, rows)
+            with user_io(out_dir, f"writing the {split} results"):
+                out_dir.mkdir(parents=True, exist_ok=True)
+                scores_file, samples_file = split_files(out_dir, split)
+                scores_file.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+                write_jsonl(samples_file, rows)
             results[split] = metrics
     return results
 

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from amft_cli.fsio import user_io
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -97,13 +99,16 @@ class MetricSink:
 
     def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = False):
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
-        if resume_step is None:
-            self._file = open(self.path, "w", encoding="utf-8")
-        else:
-            _truncate_to_step(self.path, resume_step)
-            self._file = open(self.path, "a", encoding="utf-8")
+        with user_io(self.path, "opening the metrics file"):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.run_dir.glob(".metrics-*.tmp"):  # a truncation killed half-way
+                stale.unlink()
+            if resume_step is None:
+                self._file = open(self.path, "w", encoding="utf-8")
+            else:
+                _truncate_to_step(self.path, resume_step)
+                self._file = open(self.path, "a", encoding="utf-8")
         self._tb = self._open_tensorboard(resume_step) if tensorboard else None
 
     def _open_tensorboard(self, resume_step: int | None):
@@ -122,8 +127,9 @@ class MetricSink:
         record = {"step": int(step), "time": round(time.time(), 3)}
         record.update({key: _clean(value) for key, value in metrics.items()
                        if key not in ("step", "time")})
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
+        with user_io(self.path, "writing metrics"):
+            self._file.write(json.dumps(record, allow_nan=False) + "\n")
+            self._file.flush()
         if self._tb is not None:
             for key, value in record.items():
                 if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -131,7 +137,8 @@ class MetricSink:
 
     def close(self) -> None:
         if not self._file.closed:
-            self._file.close()
+            with user_io(self.path, "writing metrics"):
+                self._file.close()
         if self._tb is not None:
             self._tb.close()
             self._tb = None

@@ -39,6 +39,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
                           PreTrainedTokenizerFast, Qwen2Config)
 
 from amft_cli.config import ModelConfig
+from amft_cli.fsio import user_io
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0..3 in the tiny vocabulary
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -172,7 +173,53 @@ def _resolve_folder(path: str) -> Path:
                 "--set model.path=/path/to/folder") from None
     if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
         raise ModelError(f"model.path {path!r}: not a Hugging Face model folder (no config.json)")
+    with user_io(folder, "reading the model's weights"):
+        check_weights(folder)
     return folder
+
+
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def check_weights(folder: Path) -> None:
+    """The weight files of a model folder are there and complete. A full disk or a copy cut
+    short damages a folder; transformers would then fail with an OSError or a SafetensorError."""
+    names = WEIGHTS if (folder / "config.json").is_file() else ADAPTER_WEIGHTS
+    found = [folder / name for name in names if (folder / name).is_file()]
+    if not found:
+        raise ModelError(f"{folder / names[0]}: missing (the folder has no weights): a damaged checkpoint or an "
+                         "incomplete copy; use another checkpoint or model folder")
+    files = found[:1]
+    if files[0].name.endswith(".index.json"):
+        try:
+            files = [folder / shard for shard in sorted(set(json.loads(files[0].read_text())["weight_map"].values()))]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ModelError(f"{files[0]}: not a valid weight index (no weight_map)") from None
+    for file in files:
+        if not file.is_file():
+            raise ModelError(f"{file}: missing (listed in the weight index)")
+        if file.suffix == ".safetensors":
+            _check_safetensors(file)
+
+
+def _check_safetensors(path: Path) -> None:
+    """The file is as long as its header says: 8-byte header length, JSON header, tensor data."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else size
+        try:
+            header = json.loads(f.read(length)) if 8 + length <= size else None
+        except ValueError:
+            raise ModelError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    ends = [v["data_offsets"][1] for k, v in (header or {}).items()
+            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    expected = 8 + length + max(ends, default=0)
+    if header is None or size < expected:
+        described = f"the header describes {expected}" if header is not None else "its header is cut off"
+        raise ModelError(f"{path}: truncated ({size} bytes, {described}): a damaged checkpoint or an "
+                         "incomplete copy; use another checkpoint or model folder")
 
 
 def _from_pretrained(path: str, mcfg: ModelConfig, device: torch.device):

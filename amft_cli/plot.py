@@ -20,6 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from amft_cli.evaluate import EPISODE_METRICS, table_rows
+from amft_cli.fsio import user_io
 from amft_cli.report import t_interval
 from amft_cli.rundir import plots_dir, read_config, read_eval, read_metrics, read_sweep_table, sweep_cell_dir
 
@@ -80,8 +81,9 @@ def _output(run_dir: Path, out: str | Path | None, fmt: str, stem: str) -> Path:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with user_io(path, "writing the figure"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
     return path
 
 

@@ -5,28 +5,117 @@
     runs/<name>/checkpoints/step-N/        HF model folder + trainer state
     runs/<name>/eval/<split>.json          eval scores; <split>.samples.jsonl per sample
     runs/<name>/plots/                     figures
+    runs/<name>/.lock                      held by the one process writing the run
     sweeps/<name>/runs/<algo>-s<seed>/     one run directory per cell of `amft sweep`
     sweeps/<name>/table.{json,csv,md}      the sweep's per-method table; plots/ its figures
 
-Used by `amft eval` and `amft plot`; imports no torch, so plotting works on
-machines without it.
+Used by `amft train` (the lock), `amft eval` and `amft plot`; imports no
+torch, so plotting works on machines without it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
+import shutil
+import socket
+import sys
+import time
 from pathlib import Path
 
 from amft_cli import metrics
 from amft_cli.config import Config, load_preset
+from amft_cli.fsio import user_io
 
 CONFIG_FILE = "config.toml"
+LOCK_FILE = ".lock"
 CHECKPOINT_DIR = re.compile(r"^step-(\d+)$")
 
 
 class RunDirError(ValueError):
     """A run directory lacks what the command needs; printed as one line."""
+
+
+# ---------------------------------------------------------------------------
+# one writer per run directory
+
+
+_held: dict[Path, list] = {}  # resolved run dir -> [lock fd, nesting depth, stale] in this process
+
+
+class RunLock:
+    """An exclusive lock on a run directory, taken before anything is written to it.
+
+    The lock is flock(2) on RUN/.lock, which the kernel releases when the holder
+    exits in any way, SIGKILL included: a killed run leaves nothing to clean up
+    and `--resume` takes the lock at once. The file names the holder (pid, host,
+    start, command) so a refused second writer can say who has it; a clean exit
+    empties it, so `stale` (the text a killed holder left) tells a crash apart.
+    Re-entrant within a process: the CLI holds it and `train()` takes it again.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.key = self.run_dir.absolute()
+        self.stale = ""
+
+    def __enter__(self) -> "RunLock":
+        key = self.key = self.run_dir.resolve()
+        if key in _held:
+            _held[key][1] += 1
+            self.stale = _held[key][2]
+            return self
+        path = self.run_dir / LOCK_FILE
+        with user_io(self.run_dir, "creating the run directory and its lock file"):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            with user_io(path, "locking the run directory"):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "starting up"
+                    raise RunDirError(f"{self.run_dir} is in use by another amft process ({holder}); "
+                                      "wait for it to end or pick another --run-dir") from None
+                self.stale = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+                holder = (f"{' '.join(['amft', *sys.argv[1:2]])}, pid {os.getpid()} on "
+                          f"{socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, holder.encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        _held[key] = [fd, 1, self.stale]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _held[self.key][1] -= 1
+        if _held[self.key][1] == 0:
+            fd = _held.pop(self.key)[0]
+            try:
+                os.ftruncate(fd, 0)  # a clean exit: no holder left behind
+            except OSError:
+                pass
+            os.close(fd)  # releases the flock
+
+
+def holds_run(run_dir: Path) -> bool:
+    """True when run_dir has metrics or checkpoints of an earlier run."""
+    return (Path(run_dir) / metrics.METRICS_FILE).exists() or (Path(run_dir) / "checkpoints").exists()
+
+
+def clear_run(run_dir: Path) -> None:
+    """Delete everything in run_dir but the lock (call it holding the lock: --overwrite)."""
+    with user_io(run_dir, "deleting the earlier run (--overwrite)"):
+        for child in Path(run_dir).iterdir():
+            if child.name == LOCK_FILE:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
 
 
 def _require_dir(run_dir: Path) -> Path:

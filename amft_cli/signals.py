@@ -33,6 +33,7 @@ class Cursors:
     rl: int = 0
     val: int = 0
     rollouts: int = 0  # completions the policy sampled so far (training and validation utility)
+    skipped_in_row: int = 0  # consecutive steps the non-finite guard skipped (train.max_skipped_steps)
 
 
 class PhaseTimer:

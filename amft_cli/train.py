@@ -25,15 +25,17 @@ from typing import Callable
 
 import torch
 
-from amft_cli import algo, methods
+from amft_cli import algo, guard, methods
 from amft_cli.checkpoint import (checkpoint_dirs, load_trainer_state, restore_rng, rng_state,
                                  save_checkpoint)
 from amft_cli.config import Config, to_toml
 from amft_cli.data import load_split
+from amft_cli.fsio import user_io
 from amft_cli.methods.base import Method
 from amft_cli.metrics import MetricSink
 from amft_cli.policy import Policy, load_for_training, sft_grads
 from amft_cli.rewards import load_reward_fn
+from amft_cli.rundir import RunLock
 from amft_cli.signals import Cursors, PhaseTimer, Run, rl_signal
 from amft_cli.tasks import get_task
 
@@ -63,7 +65,8 @@ def apply_update(policy: Policy, optimizers: dict, g_sft: list | None, g_rl: lis
         for p, g in zip(policy.params, grads):
             p.grad = g
         if cfg.train.grad_clip > 0:
-            norm = max(norm, torch.nn.utils.clip_grad_norm_(policy.params, cfg.train.grad_clip).item())
+            part = torch.nn.utils.clip_grad_norm_(policy.params, cfg.train.grad_clip).item()
+            norm = part if math.isnan(part) else max(norm, part)  # max(0.0, nan) would hide a NaN
         for group in optimizers[name].param_groups:
             group["lr"] = weight * lr * lr_scale
         optimizers[name].step()
@@ -135,7 +138,9 @@ class StopFlag:
 
     def __enter__(self):
         def handler(signum, frame):
-            if self.requested:
+            if self.requested:  # abort the way the caller would have (the CLI says so in one line)
+                if callable(self._previous):
+                    self._previous(signum, frame)
                 raise KeyboardInterrupt
             self.requested = True
         try:
@@ -174,16 +179,24 @@ def setup(cfg: Config, checkpoint: Path | None = None,
 def train(cfg: Config, run_dir: Path, resume: bool = False,
           on_metrics: Callable[[int, dict], None] = lambda step, m: None,
           on_message: Callable[[str], None] = print) -> TrainResult:
-    """Run (or resume) training into run_dir. Returns when done or after a Ctrl-C checkpoint."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(to_toml(cfg))
+    """Run (or resume) training into run_dir. Returns when done or after a Ctrl-C checkpoint.
+    Holds run_dir's lock throughout: a second writer is refused (rundir.RunLock)."""
+    with RunLock(run_dir) as lock:
+        if lock.stale:
+            on_message(f"the last process writing {run_dir} was killed ({lock.stale})")
+        return _train(cfg, Path(run_dir), resume, on_metrics, on_message)
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, on_metrics: Callable[[int, dict], None],
+           on_message: Callable[[str], None]) -> TrainResult:
     checkpoint = max(checkpoint_dirs(run_dir).items(), default=(None, None))[1] if resume else None
     run, method, optimizers = setup(cfg, checkpoint, on_message)
     policy = run.policy
     summary: dict = {}
-    if checkpoint is not None:
-        saved = load_trainer_state(checkpoint)
+    saved = load_trainer_state(checkpoint) if checkpoint is not None else None
+    with user_io(run_dir / "config.toml", "writing the run's config"):  # every input read: a failed
+        (run_dir / "config.toml").write_text(to_toml(cfg))                # start changes nothing
+    if saved is not None:
         for name, opt in optimizers.items():
             opt.load_state_dict(saved["optimizers"][name])
         method.load_state_dict(saved["method"])
@@ -207,6 +220,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False,
             run.cursors.step += 1
             sink.log(run.cursors.step, metrics)
             on_metrics(run.cursors.step, metrics)
+            run.cursors.skipped_in_row = guard.count_skip(metrics, run.cursors.skipped_in_row,
+                                                          cfg.train.max_skipped_steps, run.cursors.step, on_message)
             if stop.requested:
                 on_message(f"interrupted: checkpoint {save()} — continue with --resume {run_dir}")
                 interrupted = True
@@ -215,7 +230,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False,
                 save()
     if not interrupted and cfg.train.eval_at_end:
         summary["after"] = quick_eval(policy, cfg, run.task)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        with user_io(run_dir / "summary.json", "writing the run's summary"):
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return TrainResult(run_dir, run.cursors.step, interrupted, summary)
 
 
@@ -241,15 +257,23 @@ def train_step(run: Run, method: Method, optimizers: dict) -> dict:
                         **{f"sft/{k}": v for k, v in sft_stats.items()}})
     metrics["loss/total"] = algo.objective(mu, metrics.get("loss/sft"), metrics.get("loss/rl"))
     lr_scale = lr_factor(step, cfg)
-    with timer("controller"):
-        metrics.update(method.control(run, step, metrics, g_sft, g_rl, lambda: update_derivative(
-            policy, optimizers, g_sft, g_rl, mu, cfg, lr_scale)))
-    with timer("update"):
-        metrics["optim/grad_norm"] = apply_update(policy, optimizers, g_sft, g_rl, mu, cfg, lr_scale)
-        metrics["optim/lr"] = cfg.train.lr * lr_scale
-        policy.after_update()
-    with timer("method"):
-        metrics.update(method.after_update(run, step))
+    metrics["optim/lr"] = cfg.train.lr * lr_scale
+    problem, norm = guard.nonfinite_signal(metrics, g_sft, g_rl)
+    if problem is None:
+        with timer("controller"), guard.KeepFinite(method) as kept:
+            metrics.update(method.control(run, step, metrics, g_sft, g_rl, lambda: update_derivative(
+                policy, optimizers, g_sft, g_rl, mu, cfg, lr_scale)))
+        problem = kept.problem
+    if problem is not None:  # the guard: nothing non-finite reaches weights, optimizer or μ
+        metrics = guard.skipped(metrics, problem, norm)
+    else:
+        with timer("update"):
+            metrics["optim/grad_norm"] = apply_update(policy, optimizers, g_sft, g_rl, mu, cfg, lr_scale)
+            metrics["optim/skipped"] = 0.0
+            guard.check_weights(policy.params, step)
+            policy.after_update()
+        with timer("method"):
+            metrics.update(method.after_update(run, step))
     metrics.update({f"time/{k}_s": v for k, v in timer.seconds.items()})
     metrics["rollout/total"] = run.cursors.rollouts  # cumulative: the sweep table's "rollouts used"
     metrics["time/step_s"] = time.perf_counter() - started

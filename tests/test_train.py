@@ -278,16 +278,18 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_model, 
     model, tokenizer = tiny_model
     save_checkpoint(tmp_path, 1, model, tokenizer, {"cursors": {"step": 1}})
 
-    def disk_full(*args, **kwargs):
-        raise OSError("disk full")
+    weights_written = []
 
-    monkeypatch.setattr(torch, "save", disk_full)  # the trainer state is written after the weights
-    with pytest.raises(OSError):
+    def crash(obj, path, *args, **kwargs):
+        weights_written.append((Path(path).parent / "model.safetensors").is_file())
+        raise OSError("a library failed")
+
+    monkeypatch.setattr(torch, "save", crash)  # the trainer state is written after the weights
+    with pytest.raises(OSError, match="a library failed"):  # not a disk problem: the error as raised
         save_checkpoint(tmp_path, 2, model, tokenizer, {"cursors": {"step": 2}})
     monkeypatch.undo()
-    leftovers = list((tmp_path / "checkpoints").glob(".tmp-step-2-*"))
-    assert len(leftovers) == 1 and (leftovers[0] / "model.safetensors").is_file()  # it crashed mid-write
-    assert not (tmp_path / "checkpoints" / "step-2").exists()
+    assert weights_written == [True]  # it crashed mid-write ...
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-1"]  # ... and left no debris
     assert list(checkpoint_dirs(tmp_path)) == [1]
     assert load_trainer_state(tmp_path / "checkpoints" / "step-1") == {"cursors": {"step": 1}}
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoints" / "step-1")

@@ -61,7 +61,7 @@ class AMFT(Method):
     def control(self, run: Run, step: int, metrics: dict, g_sft: list | None, g_rl: list | None,
                 lookahead: Callable[[], tuple]) -> dict:
         """Before the step: H* at the end of warm-up, dθ'/dμ of the step on meta-gradient steps."""
-        if step == self.cfg.amft.warmup_steps and self.state.entropy_target is None:
+        if step >= self.cfg.amft.warmup_steps and self.state.entropy_target is None:  # >=: a skipped step
             self.state.entropy_target = measure_entropy_target(run.policy, run.val_set)
             run.on_message(f"warm-up done after {step} steps: entropy target H* = {self.state.entropy_target:.3f}")
         due = self.meta_step_due(step) and g_sft is not None and g_rl is not None

@@ -26,6 +26,7 @@ Tasks know nothing about models, tokenizers or torch.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -52,15 +53,79 @@ def prompt_text(prompt: str | list[dict]) -> str:
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
+    """Write rows as JSON lines through a temp file renamed into place: never a half file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
     n = 0
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-            n += 1
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+                n += 1
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return n
 
 
+class DataError(ValueError):
+    """A data file is unreadable or malformed; the message names the file and 1-based line."""
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """One JSON object per non-blank line. Invalid UTF-8, invalid JSON (a truncated last line
+    included) or a non-object row is a DataError naming the file and the 1-based line."""
+    return [row for _, row in numbered_rows(path)]
+
+
+def read_examples(path: Path) -> list[dict]:
+    """A split file's examples, each checked against the contract above (DataError names the
+    file and line): id (string or integer, unique), prompt (a string or chat messages),
+    demonstration (a string), answer, and meta (an object) when present."""
+    examples, seen = [], set()
+    for number, row in numbered_rows(path):
+        where = f"{path}, line {number}"
+        missing = [name for name in ("id", "prompt", "demonstration", "answer") if name not in row]
+        if missing:
+            raise DataError(f"{where}: missing field {missing[0]!r} (every example needs id, prompt, "
+                            "demonstration and answer)")
+        for name, types, expected in (("id", (str, int), "a string or an integer"),
+                                      ("prompt", (str, list), "a string or a list of chat messages"),
+                                      ("demonstration", str, "a string"), ("meta", dict, "a JSON object")):
+            if name in row and (not isinstance(row[name], types) or isinstance(row[name], bool)):
+                raise DataError(f"{where}: field {name!r} must be {expected}, got {type(row[name]).__name__}")
+        if isinstance(row["prompt"], list) and not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in row["prompt"]):
+            raise DataError(f"{where}: field 'prompt' is a list, so each item must be "
+                            '{"role": "...", "content": "..."}')
+        if row["id"] in seen:
+            raise DataError(f"{where}: id {row['id']!r} appears twice (ids key the tokenization cache)")
+        seen.add(row["id"])
+        examples.append(row)
+    return examples
+
+
+def numbered_rows(path: Path):
+    """(1-based line number, object) for every non-blank line."""
+    try:
+        with open(path, "rb") as f:
+            lines = list(f)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
+    for number, raw in enumerate(lines, 1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}, line {number}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            cut = "; the file ends mid-line (truncated?)" if not raw.endswith(b"\n") else ""
+            raise DataError(f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno}){cut}") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+        yield number, row

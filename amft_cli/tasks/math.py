@@ -41,7 +41,7 @@ import json
 import re
 from pathlib import Path
 
-from amft_cli.tasks.base import Score, read_jsonl
+from amft_cli.tasks.base import DataError, Score, numbered_rows
 from amft_cli.tasks.math_grader import (LETTERS, RULES, answer_text, fast_compare, grade,  # noqa: F401
                                         last_boxed)
 
@@ -76,8 +76,9 @@ def score(example: dict, completion: str) -> Score:
 # reading rows from local files or the hub
 
 
-def _read_rows(path_or_id: str, key: str) -> list[dict]:
-    """Rows of a local .parquet/.jsonl file (or a folder of them) or a hub dataset."""
+def _read_rows(path_or_id: str, key: str) -> list[tuple[str, dict]]:
+    """(where, row) of a local .parquet/.jsonl file (or a folder of them) or a hub dataset;
+    `where` names the file and the 1-based line or row, for error messages."""
     if not path_or_id:
         raise ValueError(f"{key} is empty; pass --set {key}=/path/to/file.parquet (or a hub dataset id)")
     path = Path(path_or_id).expanduser()
@@ -85,26 +86,37 @@ def _read_rows(path_or_id: str, key: str) -> list[dict]:
         files = sorted(path.rglob("*.parquet")) or sorted(path.rglob("*.jsonl"))
         if not files:
             raise ValueError(f"{key} {path_or_id!r}: folder holds no .parquet or .jsonl files")
-        return [row for f in files for row in _read_file(f, key)]
+        return [pair for f in files for pair in _read_located(f, key)]
     if path.is_file():
-        return _read_file(path, key)
+        return _read_located(path, key)
     looks_local = path.suffix in (".parquet", ".jsonl", ".json") or path_or_id.startswith((".", "/", "~"))
     if looks_local or not re.fullmatch(r"[\w.-]+/[\w.-]+", path_or_id):
         raise ValueError(f"{key} {path_or_id!r}: no such file (expected a local .parquet/.jsonl file "
                          "or a hub dataset id like owner/name)")
-    return _read_hub(path_or_id, key)
+    return [(f"{path_or_id}, row {i}", row) for i, row in enumerate(_read_hub(path_or_id, key), 1)]
 
 
 def _read_file(path: Path, key: str) -> list[dict]:
+    return [row for _, row in _read_located(path, key)]
+
+
+def _read_located(path: Path, key: str) -> list[tuple[str, dict]]:
+    """(where, row) pairs of one .parquet or .jsonl file; an unreadable file is a one-line error
+    naming it (and the 1-based line of a bad JSON line)."""
     if path.suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
-        return pq.read_table(path).to_pylist()
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pyarrow.ArrowException, OSError) as e:
+            raise ValueError(f"{key}: {path}: not a readable parquet file ({str(e)[:200]})") from None
+        return [(f"{path}, row {i}", row) for i, row in enumerate(rows, 1)]
     if path.suffix in (".jsonl", ".json"):
         try:
-            return read_jsonl(path)
-        except ValueError:
-            raise ValueError(f"{key} {str(path)!r}: not valid JSON lines") from None
-    raise ValueError(f"{key} {str(path)!r}: expected a .parquet or .jsonl file")
+            return [(f"{path}, line {n}", row) for n, row in numbered_rows(path)]
+        except DataError as e:
+            raise ValueError(f"{key}: {e}") from None
+    raise ValueError(f"{key}: {path}: expected a .parquet or .jsonl file")
 
 
 def _read_hub(repo_id: str, key: str) -> list[dict]:
@@ -190,11 +202,12 @@ def _check_knobs(tcfg) -> None:
 # training rows
 
 
-def _train_example(row: dict, i: int, key: str, style: str, grader: str) -> dict:
+def _train_example(row: dict, i: int, where: str, key: str, style: str, grader: str) -> dict:
     problem = _messages_text(row.get("prompt"), "user")
-    gold = (row.get("reward_model") or {}).get("ground_truth", row.get("answer"))
+    reward_model = row.get("reward_model")
+    gold = (reward_model if isinstance(reward_model, dict) else {}).get("ground_truth", row.get("answer"))
     if problem is None or gold is None:
-        raise ValueError(f"{key}: row {i} lacks a user 'prompt' or 'reward_model.ground_truth'")
+        raise ValueError(f"{key}: {where}: lacks a user 'prompt' or 'reward_model.ground_truth'")
     return {"id": f"row-{i}", "prompt": _prompt(row, style, math_prompt(problem)),
             "demonstration": _messages_text(row.get("target"), "assistant") or "",
             "answer": _gold(gold), "meta": {"source": row.get("data_source", ""), "grader": grader}}
@@ -205,7 +218,8 @@ def load_train(path_or_id: str, key: str = "task.train_path", style: str = "inst
     """OpenR1-Math-46k layout: `prompt` (chat messages or text), `target`
     (assistant message(s) or text: the demonstration), `reward_model.ground_truth`.
     style and grader: task.prompt and task.grader."""
-    return [_train_example(row, i, key, style, grader) for i, row in enumerate(_read_rows(path_or_id, key))]
+    return [_train_example(row, i, where, key, style, grader)
+            for i, (where, row) in enumerate(_read_rows(path_or_id, key))]
 
 
 # ---------------------------------------------------------------------------
@@ -236,7 +250,7 @@ def _eval_example(row: dict, name: str, i: int, style: str, grader: str) -> dict
     else:
         instruction_form = math_prompt(question or "")
     if not question or gold in (None, ""):
-        raise ValueError(f"task.eval_dir: {name} row {i} lacks a problem/question or an answer")
+        raise ValueError(f"task.eval_dir: problem {i + 1} of {name} lacks a problem/question or an answer")
     meta = {"benchmark": name, "kind": spec["kind"], "ood": spec["ood"], "k": spec["default_k"],
             "grader": grader}
     return {"id": f"{name}-{i}", "prompt": _prompt(row, style, instruction_form), "demonstration": "",
@@ -348,6 +362,9 @@ def build_splits(tcfg) -> dict[str, list[dict]]:
         raise ValueError("task.train_path is empty; pass --set task.train_path=/path/to/train.parquet (or a hub "
                          "dataset id); to evaluate without a training set: amft eval, or amft prepare --eval-only")
     rows = load_train(tcfg.train_path, style=tcfg.prompt, grader=tcfg.grader)
+    if len(rows) < 2:
+        raise ValueError(f"task.train_path {tcfg.train_path!r}: " + ("the file has no rows" if not rows else
+                         "only 1 row; training needs rows besides the task.val_size held out"))
     if not 0 < tcfg.val_size < len(rows):
         raise ValueError(f"task.val_size: expected 1..{len(rows) - 1} (the train file has {len(rows)} rows)")
     return {"train": rows[:-tcfg.val_size], "val": rows[-tcfg.val_size:], **_eval_splits(tcfg)}

@@ -1,0 +1,101 @@
+"""The user's disks and files: an OSError while the project reads or writes them becomes one line.
+
+A full disk, a read-only mount or a missing permission is the user's
+environment, not a bug in the program. Where the project touches a file it
+wraps the call in `user_io(path, doing)`, which turns such an OSError into
+`FileProblem` (a ValueError, so the CLI prints one line and exits 2) naming
+the file, what was being done, and for a full disk the mount point and its
+free space. Every other OSError keeps its traceback.
+
+Libraries hide the errno of a full disk (torch.save raises "unexpected pos",
+safetensors a SafetensorError); `disk_full` also recognises it by the free
+space left on the file system right after the failure. Imports nothing else
+from the project.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOENT: "no such file or directory",
+    errno.ENOTDIR: "a part of the path is not a directory",
+    errno.EISDIR: "is a directory",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.ENOLCK: "the file system does not support file locks",
+    errno.EIO: "input/output error (a failing disk or network mount?)",
+}
+FULL = (errno.ENOSPC, errno.EDQUOT)
+NEARLY_FULL_BYTES = 1 << 20  # a write that failed with less than this left ran out of space
+
+
+class FileProblem(ValueError):
+    """A file or disk of the user's cannot be read or written; printed as one line."""
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def mount_point(path: Path) -> Path:
+    """The mount point of the file system holding path (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def disk_note(path: Path) -> str:
+    """'disk /mnt/x: 12 KiB free of 2.0 MiB'."""
+    mount = mount_point(path)
+    usage = shutil.disk_usage(mount)
+    return f"disk {mount}: {_size(usage.free)} free of {_size(usage.total)}"
+
+
+def disk_full(error: BaseException, path: Path) -> bool:
+    """Did this failure of a write under `path` come from a full disk? Call it before cleaning up."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in FULL:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if not isinstance(error, Exception):  # Ctrl-C or SystemExit is not a write failure
+        return False
+    try:
+        return shutil.disk_usage(mount_point(path)).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+def describe(error: OSError, path: Path, doing: str) -> str:
+    """One line: '<file>: <doing>: <reason>' (with the disk's free space when it is full)."""
+    reason = REASONS.get(error.errno, error.strerror or str(error))
+    if error.errno in FULL:
+        reason += f" ({disk_note(path)})"
+    return f"{error.filename or path}: {doing}: {reason}"
+
+
+@contextmanager
+def user_io(path: Path, doing: str):
+    """Run a read or write of the user's file; an OSError of the environment becomes FileProblem."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in REASONS:
+            raise
+        raise FileProblem(describe(e, Path(path), doing)) from None
