@@ -36,15 +36,17 @@ def grad_norm(grads: list[torch.Tensor | None]) -> float:
 
 
 def nonfinite_signal(metrics: dict, g_sft: list | None, g_rl: list | None) -> tuple[str | None, float]:
-    """(what is not finite, or None; the global gradient norm) of a step's losses and gradients."""
-    norm = grad_norm([g for grads in (g_sft, g_rl) if grads is not None for g in grads])
+    """(what is not finite, or None; the global norm of the step's raw gradients) of its losses
+    and gradients."""
+    norms = {key: grad_norm(g) for key, g in (("loss/sft", g_sft), ("loss/rl", g_rl)) if g is not None}
+    total = math.sqrt(sum(n * n for n in norms.values()))  # NaN and inf carry through
     for key in ("loss/sft", "loss/rl"):
         if key in metrics and not math.isfinite(metrics[key]):
-            return f"{key} is {metrics[key]}", norm
-    for name, grads in (("loss/sft", g_sft), ("loss/rl", g_rl)):
-        if grads is not None and not math.isfinite(grad_norm(grads)):
-            return f"the gradient of {name} is not finite", norm
-    return None, norm
+            return f"{key} is {metrics[key]}", total
+    for key, norm in norms.items():
+        if not math.isfinite(norm):
+            return f"the gradient of {key} is not finite", total
+    return None, total
 
 
 class KeepFinite:

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from amft_cli.checkpoint import checkpoint_dirs, load_trainer_state
@@ -162,6 +163,17 @@ def test_keep_finite_rolls_the_controller_back():
         method.state.meta_grad, method.state.mu = float("nan"), float("nan")
     assert kept.problem == "the method's mu came out nan"
     assert method.state == ControllerState(mu=0.75, entropy_target=1.5, meta_grad=0.2, entropy_term=0.01)
+
+
+def test_nonfinite_signal_names_the_part_and_reports_the_raw_norm():
+    from amft_cli.guard import nonfinite_signal
+
+    g_sft, g_rl = [torch.tensor([1.0, 1.0]), torch.tensor([1.0])], [torch.tensor([2.0, 0.0])]
+    assert nonfinite_signal({"loss/sft": 0.5, "loss/rl": 0.1}, g_sft, g_rl) == (None, pytest.approx(7.0 ** 0.5))
+    assert nonfinite_signal({"loss/sft": 0.5}, g_sft, None) == (None, pytest.approx(3.0 ** 0.5))
+    problem, norm = nonfinite_signal({"loss/sft": 0.5, "loss/rl": 0.1}, g_sft, [torch.tensor([float("inf"), 0.0])])
+    assert problem == "the gradient of loss/rl is not finite" and norm == math.inf
+    assert nonfinite_signal({"loss/sft": float("nan")}, g_sft, None)[0] == "loss/sft is nan"
 
 
 def test_grad_norm_reports_nan_instead_of_hiding_it():
