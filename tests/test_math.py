@@ -139,7 +139,7 @@ def test_load_train_parquet_matches_jsonl(tmp_path):
 
 def test_row_without_answer_is_a_one_line_error(tmp_path):
     write_jsonl(tmp_path / "t.jsonl", [{"prompt": "1+1?", "target": "2"}])
-    with pytest.raises(ValueError, match="row 0 lacks"):
+    with pytest.raises(ValueError, match=r"t\.jsonl, line 1: lacks"):  # the file and its 1-based line
         mt.load_train(str(tmp_path / "t.jsonl"))
 
 
