@@ -7,10 +7,13 @@ train_step asks three questions, each a call around its own code:
    optimizer state and μ stay as they were; the batch counts as consumed.
 2. `KeepFinite` around the method's control hook (AMFT's μ controller): a
    μ, H* or controller term that came out non-finite is rolled back and the
-   step skipped the same way.
-3. `check_weights` after the update: finite gradients at a finite learning
-   rate can still overflow the weights (lr ~1e38); the run then stops before
-   any checkpoint is written.
+   step skipped the same way. Around the method's after_update hook (which
+   runs after the weights moved) a non-finite state is rolled back and
+   logged as guard/rolled_back.
+3. `check_weights` at the end of the step: finite gradients at a finite
+   learning rate can still overflow the weights (lr ~1e38), and a method may
+   step its own optimizer; the run then stops before any checkpoint is
+   written.
 
 Skipped steps are logged (`optim/skipped` = 1 and the honest, non-finite
 `optim/grad_norm`, written as null); `count_skip` stops the run with one line
@@ -19,7 +22,6 @@ after train.max_skipped_steps in a row, keeping the last checkpoint.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -50,39 +52,43 @@ def nonfinite_signal(metrics: dict, g_sft: list | None, g_rl: list | None) -> tu
 
 
 class KeepFinite:
-    """Run a method's control hook (AMFT's μ controller); if the method's state comes out NaN or
-    inf anywhere (μ, H*, a term), load the state from before and record why in .problem."""
+    """Run one of a method's hooks (AMFT's μ controller); if a float of the method's state comes
+    out NaN or inf (μ, H*, a controller term), load the state from before and record why in
+    .problem. Tensors in the state (a method's own optimizer) are neither copied nor checked:
+    check_weights sees what they do to the weights."""
 
     def __init__(self, method) -> None:
         self.method, self.problem = method, None
 
     def __enter__(self) -> KeepFinite:
-        self.saved = copy.deepcopy(self.method.state_dict())
+        self.saved = _copy_containers(self.method.state_dict())
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is not None:
             return
-        bad = _nonfinite_entry(self.method.state_dict())
+        bad = _nonfinite_float(self.method.state_dict())
         if bad is not None:
             self.problem = f"the method's {bad[0]} came out {bad[1]}"
             self.method.load_state_dict(self.saved)
 
 
-def _nonfinite_entry(state, key: str = "state") -> tuple[str, object] | None:
-    """(key, value) of the first NaN or inf in a nested state (floats and tensors), else None."""
-    if isinstance(state, float) and not math.isfinite(state):
-        return key, state
-    if isinstance(state, torch.Tensor) and state.is_floating_point() and not torch.isfinite(state).all():
-        return key, "non-finite"
+def _copy_containers(state):
+    """A copy of nested dicts and lists; leaves (floats, strings, tensors) are shared, not copied."""
     if isinstance(state, dict):
-        items = state.items()
-    elif isinstance(state, (list, tuple)):
-        items = enumerate(state)
-    else:
-        return None
+        return {k: _copy_containers(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_copy_containers(v) for v in state)
+    return state
+
+
+def _nonfinite_float(state, key: str = "") -> tuple[str, float] | None:
+    """(key, value) of the first NaN or inf float in a nested state, else None."""
+    if isinstance(state, float):
+        return None if math.isfinite(state) else (key, state)
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
     for k, v in items:
-        found = _nonfinite_entry(v, str(k) if key == "state" else f"{key}.{k}")
+        found = _nonfinite_float(v, f"{key}.{k}" if key else str(k))
         if found is not None:
             return found
     return None

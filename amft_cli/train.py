@@ -270,10 +270,13 @@ def train_step(run: Run, method: Method, optimizers: dict) -> dict:
         with timer("update"):
             metrics["optim/grad_norm"] = apply_update(policy, optimizers, g_sft, g_rl, mu, cfg, lr_scale)
             metrics["optim/skipped"] = 0.0
-            guard.check_weights(policy.params, step)
             policy.after_update()
-        with timer("method"):
+        with timer("method"), guard.KeepFinite(method) as kept:
             metrics.update(method.after_update(run, step))
+        if kept.problem is not None:
+            metrics["guard/rolled_back"] = kept.problem
+            run.on_message(f"step {step + 1}: {kept.problem}; the method's state was rolled back")
+        guard.check_weights(policy.params, step)
     metrics.update({f"time/{k}_s": v for k, v in timer.seconds.items()})
     metrics["rollout/total"] = run.cursors.rollouts  # cumulative: the sweep table's "rollouts used"
     metrics["time/step_s"] = time.perf_counter() - started

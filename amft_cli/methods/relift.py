@@ -23,9 +23,11 @@ Departures:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from amft_cli import algo
+from amft_cli import algo, guard
 from amft_cli.config import Config
 from amft_cli.methods import register
 from amft_cli.methods.base import Method
@@ -92,6 +94,8 @@ class ReLIFT(Method):
             return nll - coef * algo.aggregate(entropy, mask, "token-mean", num_tokens), {"nll": nll.item()}
 
         grads, value, stats = sft_grads(policy, demos, self.cfg.train.micro_batch_size, loss, entropy_grad=coef != 0)
+        if not math.isfinite(value) or not math.isfinite(guard.grad_norm(grads)):  # never into the weights
+            return {"relift/sft_loss": value, "relift/sft_skipped": 1.0}
         for p, g in zip(policy.params, grads):
             p.grad = g
         norm = torch.nn.utils.clip_grad_norm_(policy.params, self.cfg.relift.grad_clip).item()
