@@ -109,7 +109,7 @@ def count_skip(metrics: dict, in_row: int, limit: int, step: int, on_message) ->
     if in_row >= limit:
         raise Diverged(f"training diverged: {in_row} steps in a row up to step {step} were not finite "
                        f"({metrics['optim/skip_reason']}); no weight was touched since step {step - in_row} "
-                       "and the last checkpoint is kept: lower train.lr or check the data")
+                       "and every checkpoint written is finite: lower train.lr or check the data")
     return in_row
 
 
@@ -117,4 +117,4 @@ def check_weights(params: list[torch.Tensor], step: int) -> None:
     """Stop before a non-finite weight can be saved (an update overflowed them)."""
     if not math.isfinite(grad_norm([p.detach() for p in params])):  # NaN/inf in any weight, or overflow
         raise Diverged(f"training diverged: the update of step {step + 1} made weights non-finite "
-                       "(nothing saved since; the last checkpoint is kept): lower train.lr")
+                       "(not saved; every checkpoint written is finite): lower train.lr")
