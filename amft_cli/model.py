@@ -28,6 +28,7 @@ vocabulary included); 4 × hidden would give ~1.08M.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import warnings
 from pathlib import Path
@@ -66,6 +67,25 @@ def resolve_device(spec: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"model.device {spec!r}: no CUDA device available here (use cpu or auto)")
     return device
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep freed memory for reuse instead of returning it to the OS (CPU training).
+
+    A training step frees and re-allocates the same activation buffers every
+    step. By default glibc serves blocks from 128 KiB up with fresh mmap pages and
+    trims its heap, so every step page-faults its memory in again: measured ~5 %
+    of a tiny-math GRPO step's CPU time (all of its system time), more wall time
+    on a loaded host. Blocks up to 32 MiB now come from a heap that is never
+    trimmed; the process keeps its peak footprint. A no-op where libc is not glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h> parameter numbers
+    mallopt(m_trim_threshold, 1 << 30)
+    mallopt(m_mmap_threshold, 32 << 20)  # glibc's ceiling for this threshold on 64-bit
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -16,7 +16,7 @@ import torch
 
 from amft_cli import algo
 from amft_cli.config import Config
-from amft_cli.model import encode_completion, encode_prompt, load_policy, resolve_device
+from amft_cli.model import encode_completion, encode_prompt, keep_freed_memory, load_policy, resolve_device
 from amft_cli.rollout import cache_of, forward, left_pad
 
 
@@ -224,6 +224,8 @@ def load_for_training(cfg: Config, checkpoint: Path | None = None, rollouts: boo
     """The trainable policy (from a checkpoint when resuming), its rollout engine (only if the
     method samples rollouts) and reference."""
     device = resolve_device(cfg.model.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     mcfg = replace(cfg.model, path=str(checkpoint)) if checkpoint is not None else cfg.model
     autocast = None
     if mcfg.lora_rank == 0 and mcfg.dtype != "float32":

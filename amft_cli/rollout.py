@@ -2,9 +2,11 @@
 
 The hf backend is a lean sampling loop over the model's forward with a KV
 cache: prompts left-padded and prefilled once per group (the cache is then
-repeated for the group's samples), one batched forward per new token, and
-all sampling on tensors (no per-sequence Python in the loop). It returns
-token ids; the trainer computes log-probs once, in its own forward.
+copied for the group's samples into buffers preallocated for the whole
+generation, written in place instead of grown by torch.cat), one batched
+forward per new token, and all sampling on tensors (no per-sequence Python
+in the loop). It returns token ids; the trainer computes log-probs once, in
+its own forward.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+
+try:
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # transformers < 4.56: no per-layer cache objects, the cache grows by torch.cat
+    DynamicLayer = None
 
 
 @dataclass
@@ -92,24 +99,71 @@ def _sample(logits: torch.Tensor, greedy: bool, temperature: float, top_p: float
     return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
+class _PreallocatedLayer(DynamicLayer if DynamicLayer is not None else object):
+    """One layer's KV cache in a buffer sized for the whole generation.
+
+    transformers' DynamicLayer grows by torch.cat, which allocates and copies the
+    whole cache on every token. This layer writes each new position into its
+    buffer in place and, like transformers' StaticLayer, hands attention the
+    whole (contiguous) buffer: positions not written yet are masked, because the
+    sampler's attention mask spans the buffer and is 0 there. Built from a
+    prefilled layer of P rows, repeated for n samples each.
+    """
+
+    def __init__(self, prefilled, repeats: int, capacity: int) -> None:
+        super().__init__()
+        keys, values = prefilled.keys, prefilled.values
+        rows, heads, length, _ = keys.shape
+        self.keys = keys.new_zeros((rows * repeats, heads, capacity, keys.shape[-1]))
+        self.values = values.new_zeros((rows * repeats, heads, capacity, values.shape[-1]))
+        for buf, src in ((self.keys, keys), (self.values, values)):  # row r·n + j ← prompt row r
+            buf.view(rows, repeats, *buf.shape[1:])[:, :, :, :length] = src.unsqueeze(1)
+        self.device, self.is_initialized, self.length = keys.device, True, length
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        self.keys[:, :, self.length:end] = key_states
+        self.values[:, :, self.length:end] = value_states
+        self.length = end
+        return self.keys, self.values
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self.length
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        return self.keys.shape[-2], 0  # (kv length, kv offset): attention sees the whole buffer
+
+
+def _expand_cache(cache, repeats: int, capacity: int) -> bool:
+    """Give each prompt's prefilled cache `repeats` rows and room for `capacity` positions.
+    True: every layer is now a preallocated buffer. False (a sliding-window layer, or
+    transformers < 4.56 without cache layers): the cache was repeated and grows by torch.cat."""
+    layers = getattr(cache, "layers", None)
+    if DynamicLayer is None or layers is None or any(type(layer) is not DynamicLayer for layer in layers):
+        if repeats > 1:
+            cache.batch_repeat_interleave(repeats)
+        return False
+    cache.layers = [_PreallocatedLayer(layer, repeats, capacity) for layer in layers]
+    return True
+
+
 @torch.inference_mode()
 def _generate_batch(model, prompt_ids: list[list[int]], n: int, *, pad_id: int, eos_id: int,
                     max_new_tokens: int, greedy: bool, temperature: float, top_p: float,
                     generator: torch.Generator | None) -> list[list[int]]:
     """Sample n continuations of each prompt; returns P·n token lists (eos kept)."""
     device = next(model.parameters()).device
-    ids, mask = left_pad(prompt_ids, pad_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = forward(model, ids, mask, positions, logits_to_keep=1)
-    cache = cache_of(out)
-    logits = out.logits[:, -1]
-    if n > 1:  # prefill once per prompt, then give each sample its own copy of the cache
-        cache.batch_repeat_interleave(n)
-        logits = logits.repeat_interleave(n, dim=0)
-        mask = mask.repeat_interleave(n, dim=0)
-        positions = positions.repeat_interleave(n, dim=0)
-    rows = mask.shape[0]
-    next_pos = positions[:, -1:] + 1
+    ids, prompt_mask = left_pad(prompt_ids, pad_id, device)
+    width = ids.shape[1]
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    out = forward(model, ids, prompt_mask, positions, logits_to_keep=1)
+    cache = cache_of(out)  # prefilled once per prompt, then copied for each of its n samples
+    preallocated = _expand_cache(cache, n, width + max_new_tokens)
+    logits = out.logits[:, -1].repeat_interleave(n, dim=0)
+    rows = logits.shape[0]
+    mask = torch.zeros((rows, width + max_new_tokens), dtype=torch.long, device=device)
+    mask[:, :width] = prompt_mask.repeat_interleave(n, dim=0)
+    next_pos = positions[:, -1:].repeat_interleave(n, dim=0) + 1
     tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
@@ -122,9 +176,10 @@ def _generate_batch(model, prompt_ids: list[list[int]], n: int, *, pad_id: int, 
         done |= just_done
         if t + 1 == max_new_tokens or bool(done.all()):
             break
-        mask = torch.cat([mask, (~done).long().unsqueeze(-1)], dim=-1)
-        out = forward(model, nxt.unsqueeze(-1), mask, next_pos, cache)
-        cache, logits, next_pos = cache_of(out), out.logits[:, -1], next_pos + 1
+        mask[:, width + t] = ~done
+        seen = mask if preallocated else mask[:, : width + t + 1]
+        out = forward(model, nxt.unsqueeze(-1), seen, next_pos, cache)
+        logits, next_pos = out.logits[:, -1], next_pos + 1
     tokens, lengths = tokens.cpu(), lengths.cpu()
     return [tokens[i, : lengths[i]].tolist() for i in range(rows)]
 

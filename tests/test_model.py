@@ -1,8 +1,11 @@
 """Tests of amft_cli.model on tiny models only (no network, a few seconds)."""
 
 import json
+import platform
 import shutil
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -242,3 +245,25 @@ def test_save_policy_of_full_model_reloads_identically(tiny_dir, tokenizer, tmp_
     shutil.move(tmp_path / "full", copy)  # a checkpoint folder is self-contained
     reloaded, _ = load_policy(ModelConfig(path=str(copy)), torch.device("cpu"))
     assert torch.equal(_logits(reloaded, _batch(tokenizer)), _logits(model, _batch(tokenizer)))
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tuning is glibc-only")
+def test_keep_freed_memory_stops_page_faults_on_reallocation():
+    # process-wide allocator setting: measured in a fresh interpreter, before and after the switch
+    code = """
+import resource
+from amft_cli.model import keep_freed_memory
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        block = bytearray(8 << 20)  # 8 MiB, zero-filled, freed at once: served by mmap by default
+        del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+plain = faults()
+keep_freed_memory()
+faults()  # the first block after the switch faults its pages in once
+print(plain, faults())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    plain, kept = map(int, out.split())
+    assert plain > 1000 and kept < 50

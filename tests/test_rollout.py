@@ -1,10 +1,12 @@
-"""The lean sampler: same tokens as step-by-step decoding without a cache, right distribution."""
+"""The lean sampler: same tokens as step-by-step decoding without a cache (greedy and sampled, with
+its preallocated KV cache and with the growing one), right distribution."""
 
 import pytest
 import torch
 
 from amft_cli.config import ModelConfig
 from amft_cli.model import build_tiny_model, encode_prompt, load_policy
+from amft_cli import rollout
 from amft_cli.rollout import _sample, generate
 
 
@@ -57,3 +59,44 @@ def test_seeded_sampling_is_reproducible_and_stops_at_eos(tiny):
         assert 1 <= len(ids) <= 12
         assert tok.eos_token_id not in ids[:-1]  # nothing generated after eos
         assert done == (ids[-1] == tok.eos_token_id)
+
+
+def _sampled_reference(model, prompts: list[list[int]], n: int, steps: int, pad: int, eos: int,
+                       generator: torch.Generator) -> list[list[int]]:
+    """Uncached sampling: every step re-runs the whole left-padded batch from scratch and draws
+    from the last position with the sampler's own draw (one uniform per row and step)."""
+    width = max(map(len, prompts))
+    rows = [[pad] * (width - len(p)) + p for p in prompts for _ in range(n)]
+    masks = [[0] * (width - len(p)) + [1] * len(p) for p in prompts for _ in range(n)]
+    out: list[list[int]] = [[] for _ in rows]
+    done = [False] * len(rows)
+    for _ in range(steps):
+        mask = torch.tensor(masks)
+        logits = model(input_ids=torch.tensor(rows), attention_mask=mask,
+                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+        nxt = _sample(logits, False, 1.0, 1.0, generator).tolist()
+        for i, tok in enumerate(nxt):
+            live = not done[i]
+            if live:
+                out[i].append(tok)
+                done[i] = tok == eos
+            rows[i].append(tok if live else pad)
+            masks[i].append(int(live))
+        if all(done):
+            break
+    return out
+
+
+@pytest.mark.parametrize("preallocated", [True, False])
+def test_sampled_tokens_equal_uncached_sampling(tiny, monkeypatch, preallocated):
+    model, tok = tiny
+    if not preallocated:  # layers of another type keep transformers' growing (torch.cat) cache
+        monkeypatch.setattr(rollout, "DynamicLayer", type("OtherLayer", (), {}))
+    expanded, expand = [], rollout._expand_cache
+    monkeypatch.setattr(rollout, "_expand_cache", lambda *args: expanded.append(expand(*args)) or expanded[-1])
+    prompts = [encode_prompt(tok, p, False) for p in ["1+2*3=", "45+6*7=", "9="]]
+    out = generate(model, tok, prompts, n=3, max_new_tokens=9, generator=torch.Generator().manual_seed(5))
+    ref = _sampled_reference(model, prompts, 3, 9, tok.pad_token_id, tok.eos_token_id,
+                             torch.Generator().manual_seed(5))
+    assert expanded == [preallocated] and out.completion_ids == ref
+    assert len({tuple(c) for c in ref}) > 3  # really sampled: the samples of a prompt differ
