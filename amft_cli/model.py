@@ -174,8 +174,9 @@ def _looks_like_hub_id(path: str) -> bool:
     return not path.startswith((".", "/", "~")) and path.count("/") <= 1 and "\\" not in path
 
 
-def _resolve_folder(path: str) -> Path:
-    """The local folder holding model.path: the folder itself or its HF cache snapshot.
+def _resolve_folder(path: str, local_copy: str = "") -> Path:
+    """The local folder holding model.path: the folder itself, else (a hub id) the model
+    `amft prepare` put in model.local_copy, else its HF cache snapshot.
 
     Never touches the network (local_files_only), so a missing model fails at once.
     """
@@ -183,14 +184,17 @@ def _resolve_folder(path: str) -> Path:
     if not folder.is_dir():
         if not _looks_like_hub_id(path):
             raise ModelError(f"model.path {path!r}: no such folder (tiny presets: run `amft prepare` first)")
+        if local_copy and (Path(local_copy) / "config.json").is_file():
+            return Path(local_copy)
         from huggingface_hub import snapshot_download
         try:
             folder = Path(snapshot_download(path, local_files_only=True))
         except (OSError, ValueError):
             raise ModelError(
-                f"model.path {path!r}: not a local folder and not in the Hugging Face cache; the model hub is "
-                "unreachable from here — download it where you have network and pass "
-                "--set model.path=/path/to/folder") from None
+                f"model.path {path!r}: not a local folder and not in the Hugging Face cache"
+                + (f" or {local_copy}/ (`amft prepare` with this preset puts it there)" if local_copy else
+                   "; the model hub is unreachable from here — download it where you have network and pass "
+                   "--set model.path=/path/to/folder")) from None
     if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
         raise ModelError(f"model.path {path!r}: not a Hugging Face model folder (no config.json)")
     with user_io(folder, "reading the model's weights"):
@@ -245,9 +249,12 @@ def _check_safetensors(path: Path) -> None:
 def _from_pretrained(path: str, mcfg: ModelConfig, device: torch.device):
     """The plain causal LM of model.path `path`, with name_or_path as the user wrote it
     (a LoRA adapter saved later records it as its base, not a cache snapshot)."""
-    model = AutoModelForCausalLM.from_pretrained(
-        _resolve_folder(path), dtype=DTYPES[mcfg.dtype], device_map=device, local_files_only=True)
-    model.name_or_path = str(Path(path).expanduser().resolve()) if Path(path).expanduser().is_dir() else path
+    folder = _resolve_folder(path, mcfg.local_copy)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[mcfg.dtype], device_map=device,
+                                                 local_files_only=True)
+    # a hub id stays a hub id, unless the weights came from local_copy (maybe a converted GGUF)
+    in_cache = not Path(path).expanduser().is_dir() and folder != Path(mcfg.local_copy)
+    model.name_or_path = path if in_cache else str(folder.expanduser().resolve())
     return model
 
 
@@ -293,7 +300,7 @@ def load_policy(mcfg: ModelConfig, device: torch.device | None = None, trainable
     device = device if device is not None else resolve_device(mcfg.device)
     if mcfg.dtype not in DTYPES:
         raise ModelError(f"model.dtype {mcfg.dtype!r}: expected {', '.join(DTYPES)}")
-    folder = _resolve_folder(mcfg.path)
+    folder = _resolve_folder(mcfg.path, mcfg.local_copy)
     model = _load_weights(folder, mcfg, device, trainable)
 
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)

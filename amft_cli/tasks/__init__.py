@@ -10,6 +10,7 @@ TASKS = {
     "gp": "amft_cli.tasks.gp",                # General Points / 24 game
     "virl": "amft_cli.tasks.virl",            # V-IRL text navigation
     "math": "amft_cli.tasks.math",            # OpenR1-Math-46k + math/MC eval sets
+    "word-math": "amft_cli.tasks.word_math",  # generated word problems, graded like math (smol-math)
 }
 
 
