@@ -311,6 +311,8 @@ def load_policy(mcfg: ModelConfig, device: torch.device | None = None, trainable
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = True
+    if mcfg.chat_template:
+        _stop_at_end_of_turn(model, tokenizer)
 
     if not trainable:
         model.requires_grad_(False)
@@ -322,6 +324,28 @@ def load_policy(mcfg: ModelConfig, device: torch.device | None = None, trainable
         base.activation_checkpointing_enable({"use_reentrant": False})
     model.train()
     return model, tokenizer
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant turn with (ChatML: <|im_end|>), or None."""
+    marker = "AMFT-REPLY-MARKER"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+                                         tokenize=False)
+    ids = tokenizer(text.split(marker, 1)[-1], add_special_tokens=False)["input_ids"] if marker in text else []
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    return ids[0] if ids and ids[0] in special else None
+
+
+def _stop_at_end_of_turn(model, tokenizer) -> None:
+    """Add the chat template's end-of-turn token to the generation config's eos ids (the sampler
+    stops on each): a base model's eos (e.g. Qwen2.5-Math's <|endoftext|>) is not the turn's end."""
+    if not tokenizer.chat_template:
+        return
+    end = end_of_turn_id(tokenizer)
+    eos = model.generation_config.eos_token_id
+    eos = list(eos) if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
+    if end is not None and end not in eos:
+        model.generation_config.eos_token_id = eos + [end]
 
 
 def save_policy(model, tokenizer, out_dir: Path) -> None:

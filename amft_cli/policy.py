@@ -67,17 +67,23 @@ class Policy:
 
 
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device: torch.device):
-    """Right-padded (B, L) inputs and attention, (B, L−1) targets and completion mask."""
-    seqs = [p + c for p, c in zip(prompts, completions)]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width - 1))
-    for i, (p, s) in enumerate(zip(prompts, seqs)):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        attention[i, : len(s)] = 1
-        mask[i, len(p) - 1: len(s) - 1] = 1.0  # position j predicts token j+1
-    return ids.to(device), attention.to(device), ids[:, 1:].to(device), mask.to(device)
+    """One (B, Pw + Cw) batch: prompts left-padded to width Pw, completions right-padded to Cw,
+    so every row's completion starts at column Pw. Returns ids, attention, positions (B, Pw + Cw),
+    targets and mask (B, Cw), and `keep`: the Cw columns whose logits predict the completion
+    (Pw − 1 ..), so the model computes logits (B, Cw, V) only there, never over the prompt."""
+    p_ids, p_mask = left_pad(prompts, pad_id, torch.device("cpu"))
+    width = max(len(c) for c in completions)
+    targets = torch.full((len(completions), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(completions), width))
+    for i, c in enumerate(completions):
+        targets[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        mask[i, : len(c)] = 1.0
+    ids = torch.cat([p_ids, targets], dim=1)
+    attention = torch.cat([p_mask, mask.long()], dim=1)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    keep = torch.arange(p_ids.shape[1] - 1, ids.shape[1] - 1)
+    return (ids.to(device), attention.to(device), positions.to(device), targets.to(device), mask.to(device),
+            keep.to(device))
 
 
 def group_runs(group: list[int]) -> list[int]:
@@ -142,8 +148,10 @@ def sequence_logprobs(policy: Policy, prompts: list[list[int]], completions: lis
             logits, targets, mask = shared_prompt_logits(model, [prompts[s] for s in starts], completions, sizes,
                                                          policy.tokenizer.pad_token_id, policy.device)
         else:
-            ids, attention, targets, mask = pack(prompts, completions, policy.tokenizer.pad_token_id, policy.device)
-            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+            ids, attention, positions, targets, mask, keep = pack(prompts, completions,
+                                                                  policy.tokenizer.pad_token_id, policy.device)
+            logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                           logits_to_keep=keep).logits
         logprobs = algo.token_logprobs(logits, targets)
         entropy = algo.token_entropy(logits) if entropy_grad and grad else None
     if entropy is None:

@@ -33,9 +33,9 @@ class Rollouts:
     """
 
     prompt_ids: list[list[int]]      # one row per completion (a group's prompt repeated)
-    completion_ids: list[list[int]]  # eos included when it was sampled
+    completion_ids: list[list[int]]  # the stop token included when it was sampled
     texts: list[str]                 # decoded completions, special tokens removed
-    finished: list[bool]             # ended with eos (False: hit max_new_tokens)
+    finished: list[bool]             # ended with a stop token (False: hit max_new_tokens)
     group: list[int] = field(default_factory=list)       # group id per row; equal ids are contiguous
     off_policy: list[bool] = field(default_factory=list)  # row not sampled from the current policy
     # per-token log-probs of the policy that produced each row, where known (None: the current
@@ -147,12 +147,21 @@ def _expand_cache(cache, repeats: int, capacity: int) -> bool:
     return True
 
 
+def stop_ids(model, tokenizer) -> list[int]:
+    """Tokens that end a completion: the tokenizer's eos and every eos of the model's generation
+    config (where load_policy adds the chat template's end-of-turn token, e.g. <|im_end|>)."""
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    config_eos = config_eos if isinstance(config_eos, list) else [config_eos]
+    return sorted({i for i in [tokenizer.eos_token_id, *config_eos] if i is not None})
+
+
 @torch.inference_mode()
-def _generate_batch(model, prompt_ids: list[list[int]], n: int, *, pad_id: int, eos_id: int,
+def _generate_batch(model, prompt_ids: list[list[int]], n: int, *, pad_id: int, stop: list[int],
                     max_new_tokens: int, greedy: bool, temperature: float, top_p: float,
                     generator: torch.Generator | None) -> list[list[int]]:
-    """Sample n continuations of each prompt; returns P·n token lists (eos kept)."""
+    """Sample n continuations of each prompt; returns P·n token lists (stop token kept)."""
     device = next(model.parameters()).device
+    stop_t = torch.tensor(stop, dtype=torch.long, device=device)
     ids, prompt_mask = left_pad(prompt_ids, pad_id, device)
     width = ids.shape[1]
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
@@ -171,7 +180,7 @@ def _generate_batch(model, prompt_ids: list[list[int]], n: int, *, pad_id: int, 
         nxt = _sample(logits, greedy, temperature, top_p, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         tokens[:, t] = nxt
-        just_done = (nxt == eos_id) & ~done
+        just_done = torch.isin(nxt, stop_t) & ~done
         lengths = torch.where(just_done, torch.full_like(lengths, t + 1), lengths)
         done |= just_done
         if t + 1 == max_new_tokens or bool(done.all()):
@@ -189,6 +198,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], n: int = 1, *, max_n
              batch_size: int = 256, generator: torch.Generator | None = None,
              engine: "VLLMEngine | None" = None) -> Rollouts:
     """n completions per prompt, groups contiguous. batch_size counts completions per forward."""
+    stop = stop_ids(model, tokenizer)
     if engine is not None:
         completions = engine.generate(prompt_ids, n, max_new_tokens=max_new_tokens, greedy=greedy,
                                       temperature=temperature, top_p=top_p)
@@ -198,14 +208,13 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], n: int = 1, *, max_n
         for start in range(0, len(prompt_ids), per_batch):
             completions += _generate_batch(
                 model, prompt_ids[start:start + per_batch], n, pad_id=tokenizer.pad_token_id,
-                eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens, greedy=greedy,
+                stop=stop, max_new_tokens=max_new_tokens, greedy=greedy,
                 temperature=temperature, top_p=top_p, generator=generator)
-    eos = tokenizer.eos_token_id
     return Rollouts(
         prompt_ids=[p for p in prompt_ids for _ in range(n)],
         completion_ids=completions,
         texts=tokenizer.batch_decode(completions, skip_special_tokens=True),
-        finished=[len(c) > 0 and c[-1] == eos for c in completions],
+        finished=[len(c) > 0 and c[-1] in stop for c in completions],
         group=[i for i in range(len(prompt_ids)) for _ in range(n)],
     )
 

