@@ -46,7 +46,7 @@ def smol_sets(model_dir: Path, data_dir: Path) -> list[str]:
             "task.val_size=4", "task.test_size=4", "task.ood_size=4", "model.lora_rank=8",
             "train.prompts_per_step=2", "rl.group_size=2", "train.sft_batch_size=2", "train.micro_batch_size=2",
             "rl.max_new_tokens=12", "train.save_every=1", "train.eval_at_end=false", "train.log_every=1",
-            "eval.max_new_tokens=12", "train.mix_mu=0.5"]
+            "eval.max_new_tokens=12", "mix.mu=0.5"]
 
 
 def test_converted_model_has_the_chat_template_and_stops_at_end_of_turn(model_dir):
