@@ -6,10 +6,13 @@ per box, which is one multiplication) and changes it in steps (buys/finds more: 
 gives away/loses some: −). ID problems take one or two operations, OOD problems three
 or four: the same sentences, more steps to chain.
 
-The prompt is the math task's user message (`math.math_prompt`: the problem plus the
-boxed-answer instruction), asked through the chat template as math-qwen2.5 asks it,
-and completions are graded by the same grader (`math.grade`: last \\boxed{}, math-verify
-behind an exact-integer fast path). Demonstrations are worked, one equation per
+The prompt is the math task's instruction-style user message (`math.math_prompt`, as
+task.prompt = "instruction": the problem plus the boxed-answer instruction), wrapped in
+the chat template with the template's own system prompt, and completions are graded by
+the math task's grader (`math.grade`, rule "boxed": the last \\boxed{}, math-verify
+behind an exact-integer fast path). LUFFY's <think> prompt and rule, which math-qwen2.5
+uses with a reasoning model's demonstrations, would score a 135M instruct model 0 by
+format alone. Demonstrations are worked, one equation per
 operation ("3 * 7 = 21. 21 + 12 = 33. The answer is \\boxed{33}."): on SmolLM2-135M,
 answer-only demonstrations taught nothing in five minutes of SFT and worked ones reached
 48% (shared/MEASURED.md).
