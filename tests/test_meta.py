@@ -185,10 +185,11 @@ class MetaProbe:
             opt.load_state_dict(copy.deepcopy(optimizers[name].state_dict()))
         self._real_update(clone, opts, [g.clone() for g in g_sft], [g.clone() for g in g_rl], mu + offset, cfg, lr_scale)
         rollouts, advantages = captured["rollouts"], captured["advantages"].double()
-        ids, attention, targets, mask = pack(rollouts.prompt_ids, rollouts.completion_ids,
-                                             policy.tokenizer.pad_token_id, policy.device)
+        ids, attention, positions, targets, mask, keep = pack(rollouts.prompt_ids, rollouts.completion_ids,
+                                                              policy.tokenizer.pad_token_id, policy.device)
         with torch.no_grad():
-            logits = clone.model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+            logits = clone.model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                                 logits_to_keep=keep).logits
         logprobs = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return ((advantages.unsqueeze(-1) * logprobs * mask).sum() / mask.sum()).item()
 
