@@ -56,6 +56,20 @@ def test_hostile_input_costs_under_a_second_off_the_main_thread(completion, gold
     assert seconds < 1.0 and score.reward == 0.0 and score.status in statuses, (seconds, score)
 
 
+SPACES = " " * 100_000
+
+
+@pytest.mark.parametrize("completion", [
+    f"a</think> answer{SPACES}x",                 # the answer-phrase regex must not backtrack over runs
+    f"a</think> answer is{SPACES}:{SPACES}(((",
+    "a</think> " + "answer " * 50_000,
+    f"a</think> \\boxed{{B{SPACES}x}}",           # the boxed-letter regex likewise (no length cap here)
+])
+def test_letter_extraction_is_linear_on_hostile_text(completion):
+    score, seconds = in_thread(lambda: timed_grade(completion, "C", "luffy"))
+    assert seconds < 1.0 and score.status == "malformed", (seconds, score)
+
+
 def test_the_deadline_itself_bounds_what_the_precheck_would_refuse():
     """Past the nesting check, math-verify on 450 nested parentheses is stopped by the kill."""
     t0 = time.monotonic()

@@ -130,7 +130,7 @@ def _mc_letter(answer: str) -> str | None:
     for _ in range(3):  # unwrap nested \text{\textbf{B}}
         text = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}", r"\1", text)
     text = text.strip().strip("$").strip()
-    m = re.fullmatch(r"\(?\s*([A-Ja-j])\s*\)?\s*[.:]?", text)
+    m = re.fullmatch(r"\(?\s*([A-Ja-j])\s*(?:\)\s*)?[.:]?", text)
     return m.group(1).upper() if m else None
 
 
@@ -141,8 +141,8 @@ def gold_letter(gold: str) -> str | None:
 
 
 # "ANSWER: C", "The answer is (C).", "answer: **C**": the letter ends its line, so "Answer: I think" is no answer
-_ANSWER_PHRASE = re.compile(r"answer\s*(?:is|:)?\s*[:\-]?\s*[*(]*\s*\$?\s*([A-J])\s*\$?[)*.]*[ \t]*(?:\n|$)",
-                            re.IGNORECASE)
+# (no two repeats of one character class meet, so matching stays linear on hostile text)
+_ANSWER_PHRASE = re.compile(r"answer(?:\s+is)?\s*(?:[:\-]\s*)?[*(]*\$?([A-J])\$?[)*.]*[ \t]*(?:\n|$)", re.IGNORECASE)
 
 
 def _letter_in_text(text: str) -> str | None:
