@@ -103,16 +103,16 @@ def load_trainer_state(checkpoint: Path) -> dict:
                               "from the checkpoint before it") from None
 
 
-def rng_state(sampling_generator: torch.Generator) -> dict:
-    """Every random stream the loop draws from."""
-    state = {"torch": torch.get_rng_state(), "sampling": sampling_generator.get_state()}
+def rng_state() -> dict:
+    """torch's global random streams (rollout sampling draws per row from the data cursors,
+    rollout.row_uniforms, so it needs no saved state)."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng(state: dict, sampling_generator: torch.Generator) -> None:
+def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    sampling_generator.set_state(state["sampling"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from amft_cli import methods, report
+from amft_cli import methods, parallel, report
 from amft_cli.config import Config, ConfigError, apply_overrides, field_help, list_presets, load_preset, validate
 
 # transformers' per-shard "Loading weights" bars would tear through the live dashboard
@@ -169,14 +169,16 @@ def prepare(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET
 @contextlib.contextmanager
 def _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwrite):
     """(config, run directory) of `amft train`, held under the directory's lock (one writer per run,
-    taken before anything is written); an existing run is replaced only with --overwrite."""
+    taken before anything is written); an existing run is replaced only with --overwrite.
+    Several processes (torchrun, accelerate launch): every one checks, the main one locks and writes."""
     from amft_cli.rundir import RunLock, clear_run, holds_run
 
     if resume is not None and not resume.is_dir():
         raise ConfigError(f"--resume {resume}: no such directory")
     cfg = resolve_config(preset, overrides, seed, algo, steps) if resume is None else None
     out = resume if resume is not None else run_dir or default_run_dir(preset, cfg, algo, seed)
-    with RunLock(out):
+    dist = parallel.current()
+    with RunLock(out) if dist.is_main else contextlib.nullcontext():
         if resume is not None:
             if not (resume / "config.toml").is_file():
                 raise ConfigError(f"--resume {resume}: no config.toml there — is it a run directory?")
@@ -185,7 +187,9 @@ def _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwri
             if not overwrite:
                 raise ConfigError(f"{out} already holds a run: --resume {out} continues it, --overwrite replaces "
                                   f"it, --run-dir picks another directory")
-            clear_run(out)
+            if dist.is_main:
+                clear_run(out)
+        dist.barrier()  # every process has looked before the main one writes
         yield cfg, out
 
 
@@ -223,10 +227,17 @@ def train(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET, 
         from amft_cli.data import is_prepared, prepare as prepare_data
         from amft_cli.train import train as run_training
 
-        if not is_prepared(cfg):
+        dist = parallel.current()
+        if dist.is_main and not is_prepared(cfg):
             console.print(f"[dim]data or model for {cfg.task.name} missing: preparing first[/]")
             prepare_data(cfg, log=console.print)
+        dist.barrier()  # the others read what the main process prepared
+        if not dist.is_main:  # the main process reports for all
+            run_training(cfg, out, resume=resume is not None)
+            return
         info = {"run": str(out), "preset": cfg.preset, "algo": cfg.train.algo}
+        if dist.count > 1:
+            info["processes"] = dist.count
         with Dashboard("amft-cli train", info, cfg.train.steps, cfg.train.log_every, live=live) as dash:
             result = run_training(cfg, out, resume=resume is not None, on_metrics=dash.update, on_message=dash.message)
         summary = result.summary
@@ -441,6 +452,8 @@ def main() -> None:
     except (ValueError, FileNotFoundError) as e:
         if not _is_user_error(e):
             raise
+        if os.environ.get("RANK", "0") != "0":  # one of several processes (torchrun sets RANK): every one
+            sys.exit(2)                          # meets the same mistake, the main one says it
         # escaped: a message's "[a, b]" is text, not rich markup
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -2,7 +2,8 @@
 
 Sequences are prompt ids followed by completion ids, right-padded; log-probs
 and entropies are aligned with the tokens they predict, and `mask` marks the
-completion tokens (the only ones any loss counts).
+completion tokens (the only ones any loss counts). With several training processes
+(parallel.py), each differentiates its share of a batch and `grads_in_chunks` sums them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from amft_cli import algo
 from amft_cli.config import Config
 from amft_cli.model import encode_completion, encode_prompt, keep_freed_memory, load_policy, resolve_device
+from amft_cli.parallel import Processes
 from amft_cli.rollout import cache_of, forward, left_pad
 
 
@@ -29,6 +31,7 @@ class Policy:
     engine: object | None = None       # rollout.VLLMEngine when rl.backend = "vllm"
     reference: torch.nn.Module | None = None  # frozen copy, only when rl.kl_beta > 0
     autocast: torch.dtype | None = None  # bf16/fp16 compute over fp32 master weights
+    dist: Processes = field(default_factory=Processes)  # the processes training this model together
     params: list = field(default_factory=list)
     _ids: dict = field(default_factory=dict)
 
@@ -187,6 +190,8 @@ def grads_in_chunks(policy: Policy, prompts: list[list[int]], completions: list[
     sequences at a time (0 = all at once; groups are never split). chunk_loss(logprobs, mask,
     rows, entropy) must normalise by whole-batch counts so the chunks add up to the batch loss
     (algo.aggregate's num_tokens). group: per-row group ids for the shared-prompt forward.
+    Several processes: the rows are this process's share of the batch, the normalisers count
+    the whole batch, and gradients, loss and stats are summed over the processes.
     Returns (grads, loss value, stats: entropy = mean response-token entropy, plus chunk stats
     averaged by token count)."""
     grads = [torch.zeros_like(p) for p in policy.params]
@@ -204,7 +209,9 @@ def grads_in_chunks(policy: Policy, prompts: list[list[int]], completions: list[
         sums["entropy"] += (entropy.detach() * mask).sum().item()
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v * n
-    return grads, loss_value, {k: v / max(tokens, 1.0) for k, v in sums.items()}
+    keys = list(sums)  # the same order on every process (the same code made them)
+    loss_value, tokens, *totals = policy.dist.sum_floats([loss_value, tokens] + [sums[k] for k in keys])
+    return policy.dist.sum_grads(grads), loss_value, {k: v / max(tokens, 1.0) for k, v in zip(keys, totals)}
 
 
 # (logprobs, mask, entropy, num_tokens of the whole batch) -> (loss, stats)
@@ -219,19 +226,23 @@ def plain_nll(logprobs: torch.Tensor, mask: torch.Tensor, entropy: torch.Tensor,
 def sft_grads(policy: Policy, examples: list[dict], micro_batch: int = 0, loss: SFTLoss = plain_nll,
               entropy_grad: bool = False) -> tuple[list, float, dict]:
     """∇ of an SFT loss on the examples' demonstrations (default: token-mean NLL). Returns
-    (grads, loss value, stats: entropy = mean entropy on the demonstrations, plus the loss's)."""
+    (grads, loss value, stats: entropy = mean entropy on the demonstrations, plus the loss's).
+    examples: the same list on every process; each differentiates its share."""
     pairs = [policy.demo_ids(ex) for ex in examples]
+    num_tokens = float(sum(len(c) for _, c in pairs))  # the whole batch's
+    pairs = policy.dist.shard(pairs)
     completions = [c for _, c in pairs]
-    num_tokens = float(sum(len(c) for c in completions))
     return grads_in_chunks(policy, [p for p, _ in pairs], completions,
                            lambda lp, mask, rows, entropy: loss(lp, mask, entropy, num_tokens), micro_batch,
                            entropy_grad=entropy_grad)
 
 
-def load_for_training(cfg: Config, checkpoint: Path | None = None, rollouts: bool = True) -> Policy:
+def load_for_training(cfg: Config, checkpoint: Path | None = None, rollouts: bool = True,
+                      dist: Processes | None = None) -> Policy:
     """The trainable policy (from a checkpoint when resuming), its rollout engine (only if the
-    method samples rollouts) and reference."""
-    device = resolve_device(cfg.model.device)
+    method samples rollouts) and reference; dist: the processes training it together."""
+    dist = dist or Processes()
+    device = dist.device(resolve_device(cfg.model.device))
     if device.type == "cpu":
         keep_freed_memory()
     mcfg = replace(cfg.model, path=str(checkpoint)) if checkpoint is not None else cfg.model
@@ -251,6 +262,6 @@ def load_for_training(cfg: Config, checkpoint: Path | None = None, rollouts: boo
 
         engine = VLLMEngine(mcfg.path, cfg.model.dtype, cfg.rl.vllm_gpu_memory, cfg.seed,
                             max_len=cfg.rl.max_new_tokens + 2048)
-    policy = Policy(model, tokenizer, device, cfg.model.chat_template, engine, reference, autocast)
+    policy = Policy(model, tokenizer, device, cfg.model.chat_template, engine, reference, autocast, dist)
     policy.after_update()
     return policy

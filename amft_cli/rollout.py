@@ -83,8 +83,9 @@ def cache_of(out):
 
 
 def _sample(logits: torch.Tensor, greedy: bool, temperature: float, top_p: float,
-            generator: torch.Generator | None) -> torch.Tensor:
-    """Next tokens from last-position logits (B, V) -> (B,)."""
+            generator: torch.Generator | None, uniform: torch.Tensor | None = None) -> torch.Tensor:
+    """Next tokens from last-position logits (B, V) -> (B,). uniform (B,): each row's draw in
+    [0, 1) (row_uniforms); None: drawn from `generator`."""
     if greedy or temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -95,7 +96,9 @@ def _sample(logits: torch.Tensor, greedy: bool, temperature: float, top_p: float
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     # inverse-CDF sampling: one uniform draw per row (torch.multinomial draws one per vocabulary entry)
     cdf = probs.cumsum(-1)
-    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device) * cdf[:, -1:]
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device) if uniform is None \
+        else uniform.unsqueeze(-1)
+    u = u * cdf[:, -1:]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
@@ -158,9 +161,11 @@ def stop_ids(model, tokenizer) -> list[int]:
 @torch.inference_mode()
 def _generate_batch(model, prompt_ids: list[list[int]], n: int, *, pad_id: int, stop: list[int],
                     max_new_tokens: int, greedy: bool, temperature: float, top_p: float,
-                    generator: torch.Generator | None) -> list[list[int]]:
-    """Sample n continuations of each prompt; returns P·n token lists (stop token kept)."""
+                    generator: torch.Generator | None, uniforms: torch.Tensor | None = None) -> list[list[int]]:
+    """Sample n continuations of each prompt; returns P·n token lists (stop token kept). uniforms
+    (P·n, max_new_tokens): each row's draws (row_uniforms); None: from `generator`."""
     device = next(model.parameters()).device
+    uniforms = None if uniforms is None else uniforms.to(device)
     stop_t = torch.tensor(stop, dtype=torch.long, device=device)
     ids, prompt_mask = left_pad(prompt_ids, pad_id, device)
     width = ids.shape[1]
@@ -177,7 +182,7 @@ def _generate_batch(model, prompt_ids: list[list[int]], n: int, *, pad_id: int, 
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
     for t in range(max_new_tokens):
-        nxt = _sample(logits, greedy, temperature, top_p, generator)
+        nxt = _sample(logits, greedy, temperature, top_p, generator, None if uniforms is None else uniforms[:, t])
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         tokens[:, t] = nxt
         just_done = torch.isin(nxt, stop_t) & ~done
@@ -196,8 +201,10 @@ def _generate_batch(model, prompt_ids: list[list[int]], n: int, *, pad_id: int, 
 def generate(model, tokenizer, prompt_ids: list[list[int]], n: int = 1, *, max_new_tokens: int,
              greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              batch_size: int = 256, generator: torch.Generator | None = None,
-             engine: "VLLMEngine | None" = None) -> Rollouts:
-    """n completions per prompt, groups contiguous. batch_size counts completions per forward."""
+             uniforms: torch.Tensor | None = None, engine: "VLLMEngine | None" = None) -> Rollouts:
+    """n completions per prompt, groups contiguous. batch_size counts completions per forward.
+    uniforms (P·n, max_new_tokens), optional: each row's sampling draws (row_uniforms), which
+    make a row's sample independent of the batch it is generated in; else `generator` draws."""
     stop = stop_ids(model, tokenizer)
     if engine is not None:
         completions = engine.generate(prompt_ids, n, max_new_tokens=max_new_tokens, greedy=greedy,
@@ -209,7 +216,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], n: int = 1, *, max_n
             completions += _generate_batch(
                 model, prompt_ids[start:start + per_batch], n, pad_id=tokenizer.pad_token_id,
                 stop=stop, max_new_tokens=max_new_tokens, greedy=greedy,
-                temperature=temperature, top_p=top_p, generator=generator)
+                temperature=temperature, top_p=top_p, generator=generator,
+                uniforms=None if uniforms is None else uniforms[start * n:(start + per_batch) * n])
     return Rollouts(
         prompt_ids=[p for p in prompt_ids for _ in range(n)],
         completion_ids=completions,
@@ -217,6 +225,19 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], n: int = 1, *, max_n
         finished=[len(c) > 0 and c[-1] in stop for c in completions],
         group=[i for i in range(len(prompt_ids)) for _ in range(n)],
     )
+
+
+def row_uniforms(seed: int, first_row: int, rows: int, length: int) -> torch.Tensor:
+    """Uniform draws (rows, length) in [0, 1) for rows first_row, first_row + 1, ... of a run's
+    rollouts, each row from its own generator seeded by (seed, row number). A row's sample then
+    depends only on its number, not on which process or batch generates it: one process or
+    several sample the same completions (parallel.py). CPU generators, so every device agrees."""
+    out = torch.empty((rows, length))
+    gen = torch.Generator()
+    for i in range(rows):
+        gen.manual_seed((seed * 0x9E3779B97F4A7C15 + first_row + i) % 2 ** 64)
+        torch.rand(length, generator=gen, out=out[i])
+    return out
 
 
 def sample_texts(model, tokenizer, prompts: list[str], n: int, *, greedy: bool, temperature: float,

@@ -5,7 +5,8 @@
 
 A method (amft_cli/methods/) changes the data flow only through its hooks; this
 module names no method. Gradients stay lists of per-parameter tensors (one per
-signal), so a controller can compare them and a data-parallel loop can reduce them.
+signal), so a controller can compare them. With several processes (parallel.py) each
+samples and scores its share of the prompts and the gradient is the whole batch's.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from amft_cli.config import Config
 from amft_cli.policy import Policy, grads_in_chunks
 from amft_cli.rewards import RewardFn, score_completions
-from amft_cli.rollout import Rollouts, generate
+from amft_cli.rollout import Rollouts, generate, row_uniforms
 
 
 @dataclass
@@ -32,7 +33,8 @@ class Cursors:
     sft: int = 0
     rl: int = 0
     val: int = 0
-    rollouts: int = 0  # completions the policy sampled so far (training and validation utility)
+    rollouts: int = 0  # completions the policy sampled so far (training and validation utility);
+    #                    also the number of the next row's sampling draws (rollout.row_uniforms)
     skipped_in_row: int = 0  # consecutive steps the non-finite guard skipped (train.max_skipped_steps)
 
 
@@ -65,7 +67,7 @@ STREAMS = {"rl": ("train_set", 1), "sft": ("train_set", 2), "val": ("val_set", 7
 
 @dataclass
 class Run:
-    """What every step of a run reads: policy, config, data, verifier and random streams."""
+    """What every step of a run reads: policy, config, data, verifier and data streams."""
 
     policy: Policy
     cfg: Config
@@ -73,7 +75,6 @@ class Run:
     train_set: list[dict]
     val_set: list[dict]
     reward_fn: RewardFn | None
-    generator: torch.Generator              # rollout sampling
     cursors: Cursors = field(default_factory=Cursors)
     on_message: Callable[[str], None] = print
 
@@ -84,6 +85,11 @@ class Run:
         cursor = getattr(self.cursors, stream)
         setattr(self.cursors, stream, cursor + count)
         return [examples[i] for i in take(len(examples), count, cursor, self.cfg.seed + offset)]
+
+    def gather(self, items: list) -> list:
+        """Every training process's `items`, in rank order (a method's state built from what a
+        hook saw of this process's share must see the whole batch; one process: `items`)."""
+        return self.policy.dist.gather(items)
 
 
 # ---------------------------------------------------------------------------
@@ -99,11 +105,8 @@ class RLBatch:
     rewards: torch.Tensor      # (N,)
     statuses: list[str]        # verifier status per row
     advantages: torch.Tensor   # (N,)
-    num_tokens: float          # completion tokens of the whole batch (loss normaliser)
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.rollouts.completion_ids)
+    num_tokens: float          # completion tokens of the whole batch, all processes (loss normaliser)
+    num_seqs: int              # rows of the whole batch, all processes (loss normaliser)
 
 
 def behaviour_logprobs(logprobs: torch.Tensor, batch: RLBatch, rows: slice) -> torch.Tensor:
@@ -131,36 +134,43 @@ def add_demonstrations(policy: Policy, rollouts: Rollouts, examples: list[dict])
     return Rollouts(*map(list, zip(*rows)))
 
 
-def rollout_stats(batch: RLBatch, rollout_s: float) -> dict:
-    """reward/* and rollout/* metrics over the rows the policy sampled itself."""
-    own = [i for i, off in enumerate(batch.rollouts.off_policy) if not off]
-    rewards, lengths = batch.rewards[own], [len(batch.rollouts.completion_ids[i]) for i in own]
+def rollout_stats(run: Run, batch: RLBatch, rollout_s: float) -> dict:
+    """reward/* and rollout/* metrics over the rows the policy sampled itself, on every process."""
+    r = batch.rollouts
+    rows = run.gather([(batch.rewards[i].item(), batch.statuses[i] == "correct", len(r.completion_ids[i]),
+                        r.finished[i]) for i, off in enumerate(r.off_policy) if not off])
+    rewards, lengths = torch.tensor([row[0] for row in rows], dtype=batch.rewards.dtype), [row[2] for row in rows]
     return {
         "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
-        "reward/accuracy": sum(batch.statuses[i] == "correct" for i in own) / len(own),
-        "rollout/len_mean": sum(lengths) / len(own),
-        "rollout/truncated_frac": 1.0 - sum(batch.rollouts.finished[i] for i in own) / len(own),
+        "reward/accuracy": sum(row[1] for row in rows) / len(rows),
+        "rollout/len_mean": sum(lengths) / len(rows),
+        "rollout/truncated_frac": 1.0 - sum(row[3] for row in rows) / len(rows),
         "rollout/tokens_per_s": sum(lengths) / max(rollout_s, 1e-9),
     }
 
 
 def rl_signal(run: Run, examples: list[dict], method, timer: PhaseTimer) -> tuple[list[torch.Tensor], float, dict]:
     """Rollouts → (method shapes the groups) → verifier rewards → advantages → ∇ of the method's
-    RL loss. Returns (g_RL, loss, stats)."""
-    policy, cfg = run.policy, run.cfg
+    RL loss. Returns (g_RL, loss, stats) of the whole batch.
+    examples: the batch's prompts, the same list on every process; each process samples, scores
+    and differentiates its contiguous share (whole groups), normalised by whole-batch counts."""
+    policy, cfg, n = run.policy, run.cfg, method.samples_per_prompt()
+    first_row = run.cursors.rollouts + policy.dist.share(len(examples)).start * n  # this share's row numbers
+    run.cursors.rollouts += len(examples) * n  # all processes' samples, before shaping adds off-policy rows
+    examples = policy.dist.shard(examples)
     with timer("rollout"), policy.compute():
-        rollouts = generate(policy.model, policy.tokenizer, [policy.prompt_ids(ex) for ex in examples],
-                            method.samples_per_prompt(), max_new_tokens=cfg.rl.max_new_tokens,
-                            temperature=cfg.rl.temperature, top_p=cfg.rl.top_p,
-                            generator=run.generator, engine=policy.engine)
-        run.cursors.rollouts += len(rollouts.completion_ids)  # before shaping adds off-policy rows
+        rollouts = generate(policy.model, policy.tokenizer, [policy.prompt_ids(ex) for ex in examples], n,
+                            max_new_tokens=cfg.rl.max_new_tokens, temperature=cfg.rl.temperature,
+                            top_p=cfg.rl.top_p, engine=policy.engine,
+                            uniforms=row_uniforms(cfg.seed, first_row, len(examples) * n, cfg.rl.max_new_tokens))
         rollouts = method.shape_rollouts(run, rollouts, examples)
     with timer("reward"):
         grouped = [examples[g] for g in rollouts.group]
         rewards, statuses = score_completions(run.task, grouped, rollouts.texts, run.reward_fn)
         method.observe(run, examples, rollouts, rewards, statuses)
+        num_tokens, num_seqs = policy.dist.sum_floats([float(rollouts.num_tokens), float(len(rollouts.group))])
         batch = RLBatch(rollouts, grouped, rewards, statuses, method.advantages(rewards, rollouts),
-                        float(rollouts.num_tokens))
+                        num_tokens, int(num_seqs))
     with timer("losses"):
         prompts, completions = rollouts.prompt_ids, rollouts.completion_ids
 
@@ -171,7 +181,7 @@ def rl_signal(run: Run, examples: list[dict], method, timer: PhaseTimer) -> tupl
 
         grads, loss, chunk_stats = grads_in_chunks(policy, prompts, completions, chunk_loss,
                                                    cfg.train.micro_batch_size, rollouts.group, method.entropy_grad)
-    stats = {**rollout_stats(batch, timer.seconds.get("rollout", 0.0)),
+    stats = {**rollout_stats(run, batch, timer.seconds.get("rollout", 0.0)),
              "policy/entropy": chunk_stats.pop("entropy"),
              **{f"rl/{k}": v for k, v in chunk_stats.items()}}
     return grads, loss, stats

@@ -10,11 +10,14 @@ Every method (amft_cli/methods/, picked by train.algo) is this loop with its own
 hooks, so comparisons are like for like; the loop names no method. The two
 losses are differentiated separately (the meta-gradient needs g_SFT and g_RL
 apart) and combined in `apply_update`. No rich here: progress goes out through
-the `on_metrics` / `on_message` callbacks.
+the `on_metrics` / `on_message` callbacks. Several processes (torchrun,
+accelerate launch) train one model together as parallel.py describes; only the
+main one writes the run directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -25,10 +28,10 @@ from typing import Callable
 
 import torch
 
-from amft_cli import algo, guard, methods
+from amft_cli import algo, guard, methods, parallel
 from amft_cli.checkpoint import (checkpoint_dirs, load_trainer_state, restore_rng, rng_state,
                                  save_checkpoint)
-from amft_cli.config import Config, to_toml
+from amft_cli.config import Config, ConfigError, to_toml
 from amft_cli.data import load_split
 from amft_cli.fsio import user_io
 from amft_cli.methods.base import Method
@@ -170,17 +173,33 @@ def setup(cfg: Config, checkpoint: Path | None = None,
     method_cls = methods.get(cfg.train.algo)
     task, train_set, val_set = get_task(cfg.task.name), load_split(cfg, "train"), load_split(cfg, "val")
     reward_fn = load_reward_fn(cfg.task.reward)
-    policy = load_for_training(cfg, checkpoint, method_cls.uses_rollouts)
-    run = Run(policy, cfg, task, train_set, val_set, reward_fn,
-              torch.Generator(device=policy.device).manual_seed(cfg.seed), on_message=on_message)
+    policy = load_for_training(cfg, checkpoint, method_cls.uses_rollouts, parallel.current())
+    run = Run(policy, cfg, task, train_set, val_set, reward_fn, on_message=on_message)
     return run, method_cls(cfg, policy), make_optimizers(policy, cfg)
+
+
+def check_processes(cfg: Config, dist: parallel.Processes, saved: dict | None, checkpoint: Path | None) -> None:
+    """One-line errors before any work: every process needs a share of each batch, and a run
+    resumes with as many processes as wrote its checkpoint."""
+    for key, value in (("train.prompts_per_step", cfg.train.prompts_per_step),
+                       ("train.sft_batch_size", cfg.train.sft_batch_size)):
+        if value < dist.count:
+            raise ConfigError(f"{key} = {value}: fewer than the {dist.count} training processes, and each "
+                              "process takes a share of the batch; raise it or start fewer processes")
+    wrote = saved.get("processes", 1) if saved is not None else dist.count
+    if wrote != dist.count:
+        raise ConfigError(f"--resume: {checkpoint} was written by a run of {wrote} training process(es), this "
+                          f"one has {dist.count}; resume with the same number (torchrun --nproc_per_node {wrote} "
+                          f"or accelerate launch --num_processes {wrote}; 1: plain `amft train`)")
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False,
           on_metrics: Callable[[int, dict], None] = lambda step, m: None,
           on_message: Callable[[str], None] = print) -> TrainResult:
     """Run (or resume) training into run_dir. Returns when done or after a Ctrl-C checkpoint.
-    Holds run_dir's lock throughout: a second writer is refused (rundir.RunLock)."""
+    The main process holds run_dir's lock throughout: a second writer is refused (rundir.RunLock)."""
+    if not parallel.current().is_main:  # the main process writes (and locks) the run directory
+        return _train(cfg, Path(run_dir), resume, on_metrics, on_message)
     with RunLock(run_dir) as lock:
         if lock.stale:
             on_message(f"the last process writing {run_dir} was killed ({lock.stale})")
@@ -189,46 +208,56 @@ def train(cfg: Config, run_dir: Path, resume: bool = False,
 
 def _train(cfg: Config, run_dir: Path, resume: bool, on_metrics: Callable[[int, dict], None],
            on_message: Callable[[str], None]) -> TrainResult:
+    dist = parallel.current()
+    if not dist.is_main:  # the main process reports for all
+        on_metrics, on_message = (lambda step, m: None), (lambda msg: None)
     checkpoint = max(checkpoint_dirs(run_dir).items(), default=(None, None))[1] if resume else None
+    saved = load_trainer_state(checkpoint) if checkpoint is not None else None
+    check_processes(cfg, dist, saved, checkpoint)
     run, method, optimizers = setup(cfg, checkpoint, on_message)
     policy = run.policy
     summary: dict = {}
-    saved = load_trainer_state(checkpoint) if checkpoint is not None else None
-    with user_io(run_dir / "config.toml", "writing the run's config"):  # every input read: a failed
-        (run_dir / "config.toml").write_text(to_toml(cfg))                # start changes nothing
+    if dist.is_main:
+        with user_io(run_dir / "config.toml", "writing the run's config"):  # every input read: a failed
+            (run_dir / "config.toml").write_text(to_toml(cfg))                # start changes nothing
     if saved is not None:
         for name, opt in optimizers.items():
             opt.load_state_dict(saved["optimizers"][name])
         method.load_state_dict(saved["method"])
         run.cursors, summary = Cursors(**saved["cursors"]), saved.get("summary", {})
-        restore_rng(saved["rng"], run.generator)
+        restore_rng(saved["rng"])
         on_message(f"resumed from {checkpoint} (step {run.cursors.step})")
-    elif cfg.train.eval_at_end:
+    elif cfg.train.eval_at_end and dist.is_main:
         summary["before"] = quick_eval(policy, cfg, run.task)
         on_message(f"untrained: {summary['before']['label']} {summary['before']['value']:.1%} on unseen ID test problems")
 
-    def save() -> Path:
+    def save() -> Path | None:
+        if not dist.is_main:  # every process holds the same weights and state
+            return None
         state = {"optimizers": {k: o.state_dict() for k, o in optimizers.items()}, "summary": summary,
-                 "method": method.state_dict(), "cursors": asdict(run.cursors), "rng": rng_state(run.generator)}
+                 "method": method.state_dict(), "cursors": asdict(run.cursors), "rng": rng_state(),
+                 "processes": dist.count}
         return save_checkpoint(run_dir, run.cursors.step, policy.model, policy.tokenizer, state,
                                cfg.train.keep_checkpoints)
 
     interrupted = False
-    with MetricSink(run_dir, resume_step=run.cursors.step if checkpoint else None) as sink, StopFlag() as stop:
+    sink = MetricSink(run_dir, resume_step=run.cursors.step if checkpoint else None) if dist.is_main else None
+    with sink or contextlib.nullcontext(), StopFlag() as stop:
         while run.cursors.step < cfg.train.steps:
             metrics = train_step(run, method, optimizers)
             run.cursors.step += 1
-            sink.log(run.cursors.step, metrics)
+            if sink is not None:
+                sink.log(run.cursors.step, metrics)
             on_metrics(run.cursors.step, metrics)
             run.cursors.skipped_in_row = guard.count_skip(metrics, run.cursors.skipped_in_row,
                                                           cfg.train.max_skipped_steps, run.cursors.step, on_message)
-            if stop.requested:
+            if dist.any(stop.requested):  # every process stops after the same step
                 on_message(f"interrupted: checkpoint {save()} — continue with --resume {run_dir}")
                 interrupted = True
                 break
             if run.cursors.step % cfg.train.save_every == 0 or run.cursors.step == cfg.train.steps:
                 save()
-    if not interrupted and cfg.train.eval_at_end:
+    if not interrupted and cfg.train.eval_at_end and dist.is_main:
         summary["after"] = quick_eval(policy, cfg, run.task)
         with user_io(run_dir / "summary.json", "writing the run's summary"):
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -240,6 +269,7 @@ def train_step(run: Run, method: Method, optimizers: dict) -> dict:
     policy, cfg = run.policy, run.cfg
     timer, step, started = PhaseTimer(), run.cursors.step, time.perf_counter()
     mu = method.mu(step)
+    policy.dist.check_same(mu, f"μ at step {step + 1}")
     metrics: dict = {"balance/mu": mu}
     both = method.needs_both_signals(step)  # a controller reading both keeps μ = 1 or 0 from being a dead end
     g_sft = g_rl = None

@@ -59,14 +59,13 @@ LN2 = math.log(2.0)
 
 
 def run_over(train_set: list[dict], cfg: Config | None = None) -> Run:
-    return Run(policy=None, cfg=cfg or Config(), task=None, train_set=train_set, val_set=[], reward_fn=None,
-               generator=None)
+    return Run(policy=None, cfg=cfg or Config(), task=None, train_set=train_set, val_set=[], reward_fn=None)
 
 
 def batch_of(rewards, statuses, group, off_policy) -> RLBatch:
     n = len(rewards)
     rollouts = Rollouts([[1]] * n, [[2]] * n, ["x"] * n, [True] * n, group, off_policy)
-    return RLBatch(rollouts, [{}] * n, torch.tensor(rewards), statuses, torch.zeros(n), float(n))
+    return RLBatch(rollouts, [{}] * n, torch.tensor(rewards), statuses, torch.zeros(n), float(n), n)
 
 
 def test_chord_mu_schedule_at_its_landmarks():

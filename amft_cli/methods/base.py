@@ -16,6 +16,10 @@
 (*) or whenever needs_both_signals(step).
 
 The defaults are GRPO (group advantages, PPO clip, optional KL) and token-mean NLL.
+With several training processes (parallel.py) every process runs every hook: the RL hooks
+see this process's share of the groups, rl_loss/sft_loss normalise by the whole batch's
+counts (batch.num_tokens, num_seqs, num_tokens), and control/after_update see gradients and
+metrics of the whole batch, so every process takes the same decisions.
 """
 
 from __future__ import annotations
@@ -62,7 +66,9 @@ class Method:
 
     def observe(self, run: Run, examples: list[dict], rollouts: Rollouts, rewards: torch.Tensor,
                 statuses: list[str]) -> None:
-        """See each step's scored groups (rollouts.group indexes `examples`)."""
+        """See each step's scored groups (rollouts.group indexes `examples`). With several training
+        processes each sees its share of the groups: state built here must gather the whole
+        batch (run.gather) so that every process decides the same (ReLIFT's buffer does)."""
 
     def advantages(self, rewards: torch.Tensor, rollouts: Rollouts) -> torch.Tensor:
         return algo.group_advantages(rewards, rollouts.group, self.cfg.rl.scale_adv_by_std)

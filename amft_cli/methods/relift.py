@@ -74,8 +74,9 @@ class ReLIFT(Method):
     def observe(self, run: Run, examples: list[dict], rollouts: Rollouts, rewards: torch.Tensor,
                 statuses: list[str]) -> None:
         hardest = hardest_groups(rollouts.group, statuses, self.cfg.relift.format_failures)
+        hardest = run.gather([examples[g] for g in hardest])  # every process keeps the whole buffer
         self.hardest = len(hardest)
-        self.buffer.add([examples[g] for g in hardest])
+        self.buffer.add(hardest)
 
     def after_update(self, run: Run, step: int) -> dict:
         metrics = {"relift/hardest": float(self.hardest), "relift/sft_update": 0.0}

@@ -1,0 +1,158 @@
+"""One model trained by several processes: data parallelism over the process group accelerate sets up.
+
+    torchrun --nproc_per_node N $(which amft) train ...            CPU (gloo)
+    accelerate launch --num_processes N $(which amft) train ...    GPU (nccl)
+
+`accelerate launch --cpu` starts ONE process, so on CPU torchrun starts the ranks;
+accelerate's PartialState then joins them (MULTI_CPU over gloo, or MULTI_GPU over nccl,
+each rank on its own GPU). A single process never imports accelerate and talks to no one.
+
+How the gradients are reduced. torch's DDP wrapper reduces gradients in backward() hooks
+and does not support torch.autograd.grad, which the loop needs to keep g_SFT, g_RL and ∇U
+apart. Instead, each process computes a signal's gradient on ITS share of the batch with
+the loss normalised by WHOLE-batch counts (tokens, sequences), so the batch gradient is the
+SUM of the processes' gradients: one all-reduce (sum) per signal, in flat buckets, before
+anything reads it (`sum_grads`). Every process then holds the same g_SFT, g_RL and ∇U, so
+dot products, μ and every controller decision come out the same everywhere without more
+talk, and the same optimizer step keeps the replicas equal (checked every step on μ).
+
+What is shared how (the loop, signals.py and policy.py call these; methods see only `Run`):
+  - the data streams are drawn whole on every process (same seed, same cursors), and each
+    process takes a contiguous share of the prompts (`shard`): a GRPO group never straddles
+    processes; rollout randomness is per row (rollout.row_uniforms), so samples do not depend
+    on how the prompts are shared out;
+  - metrics are computed from gathered per-row values or summed counts: globally reduced;
+  - only the main process (rank 0) writes the run directory (lock, config, metrics,
+    checkpoints, dashboard); every process reads the checkpoint when resuming.
+
+torch is imported only where processes talk, so `amft train`'s config errors stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+BUCKET = 1 << 25  # gradient elements per all-reduce (128 MiB of fp32)
+
+
+class Processes:
+    """This process's place among the processes training one model; one process by default."""
+
+    def __init__(self, count: int = 1, rank: int = 0, device: torch.device | None = None) -> None:
+        self.count, self.rank, self._device = count, rank, device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, configured: torch.device) -> torch.device:
+        """The device this process trains on: its own GPU when several processes share a machine."""
+        if self.count > 1 and configured.type == "cuda" and self._device is not None:
+            return self._device
+        return configured
+
+    # --- sharing out work
+
+    def share(self, total: int) -> slice:
+        """This process's contiguous part of `total` items (sizes differ by at most one)."""
+        base, extra = divmod(total, self.count)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (self.rank < extra))
+
+    def shard(self, items: list) -> list:
+        """This process's share of a list that every process holds whole."""
+        if self.count == 1:
+            return items
+        if len(items) < self.count:
+            raise ValueError(f"{len(items)} items cannot be shared out over {self.count} processes: every "
+                             "process needs at least one (raise the batch knobs or use fewer processes)")
+        return items[self.share(len(items))]
+
+    # --- collectives (no-ops in one process)
+
+    def gather(self, items: list) -> list:
+        """Every process's `items`, concatenated in rank order (= the order of `shard`)."""
+        if self.count == 1:
+            return items
+        from accelerate.utils import gather_object
+
+        return gather_object(list(items))
+
+    def sum_floats(self, values: list[float]) -> list[float]:
+        """Element-wise sums over the processes (float64)."""
+        if self.count == 1:
+            return list(values)
+        import torch
+
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def sum_grads(self, grads: list) -> list:
+        """All-reduce (sum) a gradient list (tensors) in place, in flat buckets of one dtype."""
+        if self.count == 1:
+            return grads
+        import torch
+
+        bucket: list[torch.Tensor] = []
+        for g in grads + [None]:
+            if bucket and (g is None or g.dtype != bucket[0].dtype or g.device != bucket[0].device
+                           or sum(t.numel() for t in bucket) + g.numel() > BUCKET):
+                flat = torch.cat([t.reshape(-1) for t in bucket])
+                torch.distributed.all_reduce(flat)
+                for t, part in zip(bucket, flat.split([t.numel() for t in bucket])):
+                    t.copy_(part.view_as(t))
+                bucket = []
+            if g is not None:
+                bucket.append(g)
+        return grads
+
+    def any(self, flag: bool) -> bool:
+        """True on every process when it is true on any (e.g. a Ctrl-C seen by one rank)."""
+        return bool(self.sum_floats([float(flag)])[0]) if self.count > 1 else flag
+
+    def check_same(self, value: float, what: str) -> None:
+        """Stop when the processes disagree on a value every one of them computes (a bug: the
+        replicas have drifted apart)."""
+        if self.count == 1:
+            return
+        values = self.gather([value])
+        if any(v != values[0] for v in values):
+            raise RuntimeError(f"the {self.count} training processes disagree on {what}: {values}")
+
+    def barrier(self) -> None:
+        if self.count > 1:
+            import torch
+
+            torch.distributed.barrier()
+
+    def _comm_device(self) -> torch.device:
+        import torch
+
+        return self._device if self._device is not None and torch.distributed.get_backend() == "nccl" \
+            else torch.device("cpu")
+
+
+_current: Processes | None = None
+
+
+def current() -> Processes:
+    """This process's `Processes`, joined on first use: WORLD_SIZE > 1 (set by torchrun and
+    accelerate launch) starts accelerate's PartialState, on CPU over gloo when there is no GPU
+    or ACCELERATE_USE_CPU is set."""
+    global _current
+    if _current is None:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            _current = Processes()
+        else:
+            import torch
+            from accelerate import PartialState
+
+            cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+            state = PartialState(cpu=cpu)
+            _current = Processes(state.num_processes, state.process_index, state.device)
+    return _current
