@@ -181,8 +181,7 @@ def setup(cfg: Config, checkpoint: Path | None = None,
 def check_processes(cfg: Config, dist: parallel.Processes, saved: dict | None, checkpoint: Path | None) -> None:
     """One-line errors before any work: every process needs a share of each batch, and a run
     resumes with as many processes as wrote its checkpoint."""
-    for key, value in (("train.prompts_per_step", cfg.train.prompts_per_step),
-                       ("train.sft_batch_size", cfg.train.sft_batch_size)):
+    for key, value in methods.get(cfg.train.algo).shared_batches(cfg).items():
         if value < dist.count:
             raise ConfigError(f"{key} = {value}: fewer than the {dist.count} training processes, and each "
                               "process takes a share of the batch; raise it or start fewer processes")

@@ -16,6 +16,7 @@ replicas drifting apart stop the run (parallel.check_same).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from amft_cli.cli import resolve_config
+from amft_cli.config import ConfigError
 from amft_cli.metrics import read_metrics
+from amft_cli.parallel import Processes
+from amft_cli.train import check_processes
 from amft_runs import comparable, flags, one_line_error, tiny_sets
 
 AMFT = str(Path(sys.executable).parent / "amft")
@@ -79,3 +84,18 @@ def test_two_processes_train_the_same_model_as_one(amft, tiny_data, tmp_path):
 
     other = amft("train", "--resume", str(two), "--plain")  # one process cannot continue a 2-process run
     one_line_error(other, "written by a run of 2 training process(es), this one has 1")
+
+
+@pytest.mark.parametrize("algo, knob, needed", [("amft", "amft.meta_prompts", True), ("sft", "amft.meta_prompts", False),
+                                                ("relift", "relift.sft_data_size", True),
+                                                ("rl", "train.prompts_per_step", True)])
+def test_every_process_needs_a_share_of_each_batch_the_method_draws(algo, knob, needed):
+    """A batch knob below the process count is a one-line error before any work, for the knobs
+    the method shares out (its shared_batches), not for knobs it never reads."""
+    cfg = resolve_config("tiny-math", [f"{knob}=1"], algo=algo)
+    if needed:
+        with pytest.raises(ConfigError, match=f"^{re.escape(knob)} = 1: fewer than the 2 training processes"):
+            check_processes(cfg, Processes(count=2), None, None)
+    else:
+        check_processes(cfg, Processes(count=2), None, None)
+    check_processes(cfg, Processes(count=1), None, None)  # one process takes every batch whole

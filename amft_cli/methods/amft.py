@@ -45,6 +45,10 @@ class AMFT(Method):
         self.state = ControllerState(mu=cfg.amft.mu_init)
         self._pending: tuple = (None, None)  # (rollout entropy, lookahead) from control to after_update
 
+    @classmethod
+    def shared_batches(cls, cfg: Config) -> dict[str, int]:
+        return {**super().shared_batches(cfg), "amft.meta_prompts": cfg.amft.meta_prompts}
+
     def in_warmup(self, step: int) -> bool:
         return step < self.cfg.amft.warmup_steps
 

@@ -45,6 +45,12 @@ class Method:
     def __init__(self, cfg: Config, policy: Policy) -> None:
         self.cfg = cfg
 
+    @classmethod
+    def shared_batches(cls, cfg: Config) -> dict[str, int]:
+        """The batch knobs whose examples several training processes share out (each needs at
+        least one): checked before any work (train.check_processes)."""
+        return {"train.prompts_per_step": cfg.train.prompts_per_step, "train.sft_batch_size": cfg.train.sft_batch_size}
+
     # --- the balance
 
     def mu(self, step: int) -> float:

@@ -68,6 +68,10 @@ class ReLIFT(Method):
         self.optimizer = torch.optim.AdamW(policy.params, lr=cfg.relift.lr, weight_decay=cfg.relift.weight_decay)
         self.hardest = 0
 
+    @classmethod
+    def shared_batches(cls, cfg: Config) -> dict[str, int]:
+        return {**super().shared_batches(cfg), "relift.sft_data_size": cfg.relift.sft_data_size}
+
     def mu(self, step: int) -> float:
         return 0.0
 
