@@ -37,6 +37,11 @@ if TYPE_CHECKING:
     import torch
 
 BUCKET = 1 << 25  # gradient elements per all-reduce (128 MiB of fp32)
+# How long a process waits at a collective for the others. The main process alone prepares the
+# data (downloads), evaluates before and after training and writes checkpoints while the others
+# wait; NCCL's default of 10 minutes would end a run whose 7B download or 500-problem evaluation
+# takes longer. A process that dies ends the others at once (torchrun stops the group).
+TIMEOUT_S = 4 * 3600
 
 
 class Processes:
@@ -149,10 +154,12 @@ def current() -> Processes:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             _current = Processes()
         else:
+            from datetime import timedelta
+
             import torch
             from accelerate import PartialState
 
             cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-            state = PartialState(cpu=cpu)
+            state = PartialState(cpu=cpu, timeout=timedelta(seconds=TIMEOUT_S))
             _current = Processes(state.num_processes, state.process_index, state.device)
     return _current
