@@ -138,19 +138,54 @@ def ppo_tokens(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
     return torch.maximum(unclipped, clipped), clipped > unclipped
 
 
+def sampler_is_weights(train_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor,
+                       mode: str = "sequence_mask", cap: float = 3.0) -> torch.Tensor:
+    """Importance weights for rollouts drawn by a sampler whose numbers differ from the trainer's
+    (vLLM's kernels, bf16 sampling), as TRL's GRPOTrainer applies them (grpo_trainer.py,
+    `_generate_and_score_completions`, vllm_importance_sampling_*). Detached: they scale the
+    per-token RL loss, they are not differentiated.
+
+    ratio = exp(log π_train − log π_sampler) per token (token_*) or exp of its sum over the
+    completion's tokens (sequence_*, one ratio per row); *_truncate clips it at `cap` (C_max),
+    *_mask sets it to 0 above `cap` (the row or token is dropped). No lower bound (TRL's
+    default C_min = None). A NaN log-prob (unknown to the sampler) counts as no difference.
+    Departure: both log-probs are at temperature 1 (our loss uses π_θ untempered); TRL
+    compares tempered ones. The same numbers at rl.temperature = 1, every preset's value.
+    train_logprobs, sampler_logprobs, mask (B, T) -> weights (B, T) (a row's sequence weight
+    repeated on its tokens); mode "none" -> ones.
+    """
+    if mode == "none":
+        return torch.ones_like(mask)
+    diff = torch.nan_to_num((train_logprobs - sampler_logprobs).detach().float() * mask, nan=0.0)
+    if mode.startswith("sequence_"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("_truncate"):
+        ratio = ratio.clamp(max=cap)
+    elif mode.endswith("_mask"):
+        ratio = ratio.masked_fill(ratio > cap, 0.0)
+    else:
+        raise ValueError(f"rl.sampler_correction: unknown mode {mode!r}")
+    return ratio.expand_as(mask)
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, clip_eps: float = 0.2, clip_eps_high: float = 0.0,
                 loss_agg: str = "token-mean", ref_logprobs: torch.Tensor | None = None,
                 kl_beta: float = 0.0, num_tokens: float | None = None,
-                num_seqs: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                num_seqs: int | None = None, is_weights: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clipped policy-gradient loss of GRPO (`ppo_tokens`), aggregated.
 
     logprobs, old_logprobs, mask (B, T); advantages (B,) broadcast over tokens.
-    Plus β·KL_k3 per token when β > 0.
+    is_weights (B, T): the sampler correction (`sampler_is_weights`) scaling each token's PPO
+    term, as TRL does, before β·KL_k3 per token is added (β > 0).
     num_tokens / num_seqs: whole-batch normalisers for a micro-batch (see `aggregate`).
     Returns (scalar loss, stats: clip_frac, kl).
     """
     loss_tokens, clipped = ppo_tokens(logprobs, old_logprobs, advantages, clip_eps, clip_eps_high)
+    if is_weights is not None:
+        loss_tokens = loss_tokens * is_weights
     stats = {"clip_frac": masked_mean(clipped.float(), mask).item()}
     if ref_logprobs is not None and kl_beta > 0:
         kl = kl_k3(logprobs, ref_logprobs)

@@ -113,6 +113,9 @@ class TrainConfig:
     eval_limit: int = knob(500, "Test examples used by eval_at_end.")
 
 
+SAMPLER_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "none")
+
+
 @dataclass
 class RLConfig:
     group_size: int = knob(8, "Rollouts per prompt (GRPO group). Paper: 8.")
@@ -124,8 +127,17 @@ class RLConfig:
     scale_adv_by_std: bool = knob(True, "Divide group advantages by the group std (GRPO); false = Dr. GRPO.")
     kl_beta: float = knob(0.0, "KL-to-reference weight; 0 keeps no reference copy (default of LUFFY/AMFT).")
     loss_agg: str = knob("token-mean", "Loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum.")
-    backend: str = knob("hf", "Rollout engine: hf (batched, KV cache; any device) | vllm (GPU, optional extra).")
+    backend: str = knob("hf", "Rollout engine: hf (batched, KV cache; any device) | vllm (GPU, optional extra; "
+                        "colocated as in TRL, untested here).")
     vllm_gpu_memory: float = knob(0.4, "vllm only: fraction of GPU memory vLLM may take.")
+    vllm_sleep: bool = knob(True, "vllm only: free vLLM's weights and KV cache between rollouts (sleep level 2), "
+                            "so training and sampling share one GPU (TRL's vllm_enable_sleep_mode).")
+    sampler_correction: str = knob(
+        "sequence_mask", "Importance-sampling correction for the sampler/trainer mismatch (vLLM kernels, bf16 "
+        "sampling), as TRL applies it: ratio exp(log π_train − log π_sampler) per token or per sequence, "
+        "truncated at or masked beyond rl.sampler_is_cap: token_truncate | token_mask | sequence_truncate | "
+        "sequence_mask (TRL's default) | none.")
+    sampler_is_cap: float = knob(3.0, "C_max of rl.sampler_correction (TRL's vllm_importance_sampling_clip_max).")
 
 
 @dataclass
@@ -253,6 +265,8 @@ def validate(cfg: Config) -> Config:
         (cfg.train.lr_schedule in ("constant", "cosine"), "train.lr_schedule", "constant or cosine"),
         (cfg.rl.group_size >= 2, "rl.group_size", "an integer >= 2 (group-normalised advantages)"),
         (cfg.rl.backend in ("hf", "vllm"), "rl.backend", "hf or vllm"),
+        (cfg.rl.sampler_correction in SAMPLER_CORRECTIONS, "rl.sampler_correction", " | ".join(SAMPLER_CORRECTIONS)),
+        (cfg.rl.sampler_is_cap > 1, "rl.sampler_is_cap", "a float > 1"),
         (cfg.rl.loss_agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"), "rl.loss_agg",
          "token-mean, seq-mean-token-mean or seq-mean-token-sum"),
         (0 <= cfg.amft.mu_min < cfg.amft.mu_max <= 1, "amft.mu_min/mu_max",

@@ -28,7 +28,6 @@ class Policy:
     tokenizer: object
     device: torch.device
     chat_template: bool = False
-    engine: object | None = None       # rollout.VLLMEngine when rl.backend = "vllm"
     reference: torch.nn.Module | None = None  # frozen copy, only when rl.kl_beta > 0
     autocast: torch.dtype | None = None  # bf16/fp16 compute over fp32 master weights
     dist: Processes = field(default_factory=Processes)  # the processes training this model together
@@ -62,11 +61,6 @@ class Policy:
         if self.autocast is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
-
-    def after_update(self) -> None:
-        """Keep the rollout engine's weights equal to the policy's."""
-        if self.engine is not None:
-            self.engine.sync_weights(self.model)
 
 
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device: torch.device):
@@ -237,10 +231,10 @@ def sft_grads(policy: Policy, examples: list[dict], micro_batch: int = 0, loss: 
                            entropy_grad=entropy_grad)
 
 
-def load_for_training(cfg: Config, checkpoint: Path | None = None, rollouts: bool = True,
-                      dist: Processes | None = None) -> Policy:
-    """The trainable policy (from a checkpoint when resuming), its rollout engine (only if the
-    method samples rollouts) and reference; dist: the processes training it together."""
+def load_for_training(cfg: Config, checkpoint: Path | None = None, dist: Processes | None = None) -> Policy:
+    """The trainable policy (from a checkpoint when resuming) and its reference; dist: the
+    processes training it together. The rollout backend is the trainer's (rollout.make_backend),
+    not the policy's."""
     dist = dist or Processes()
     device = dist.device(resolve_device(cfg.model.device))
     if device.type == "cpu":
@@ -256,12 +250,4 @@ def load_for_training(cfg: Config, checkpoint: Path | None = None, rollouts: boo
     if cfg.rl.kl_beta > 0:
         reference, _ = load_policy(replace(cfg.model, lora_rank=0), device, trainable=False)
         reference.eval().requires_grad_(False)
-    engine = None
-    if cfg.rl.backend == "vllm" and rollouts:
-        from amft_cli.rollout import VLLMEngine
-
-        engine = VLLMEngine(mcfg.path, cfg.model.dtype, cfg.rl.vllm_gpu_memory, cfg.seed,
-                            max_len=cfg.rl.max_new_tokens + 2048)
-    policy = Policy(model, tokenizer, device, cfg.model.chat_template, engine, reference, autocast, dist)
-    policy.after_update()
-    return policy
+    return Policy(model, tokenizer, device, cfg.model.chat_template, reference, autocast, dist)

@@ -1,22 +1,33 @@
-"""Generation backends behind one function: `hf` (any device) and `vllm` (GPU).
+"""Where rollouts come from: the `RolloutBackend` interface and its `hf` backend.
 
-The hf backend is a lean sampling loop over the model's forward with a KV
-cache: prompts left-padded and prefilled once per group (the cache is then
-copied for the group's samples into buffers preallocated for the whole
-generation, written in place instead of grown by torch.cat), one batched
-forward per new token, and all sampling on tensors (no per-sequence Python
-in the loop). It returns token ids; the trainer computes log-probs once, in
-its own forward.
+The trainer builds one backend (`make_backend`, from rl.backend), samples every
+rollout through it and calls `sync_weights()` after every optimizer step:
+
+    hf    this module's sampler on the policy's own model (any device); its
+          weights ARE the policy's, so there is nothing to sync
+    vllm  a colocated vLLM engine holding its own copy (rollout_vllm.py; GPU,
+          optional extra, imported only when chosen)
+
+The hf sampler is a lean loop over the model's forward with a KV cache: prompts
+left-padded and prefilled once per group (the cache is then copied for the
+group's samples into buffers preallocated for the whole generation, written in
+place instead of grown by torch.cat), one batched forward per new token, and all
+sampling on tensors (no per-sequence Python in the loop). Besides token ids it
+records each sampled token's log-probability under the sampler's own numerics
+(bf16 autocast, vLLM kernels), which the trainer compares with its forward for
+the importance-sampling correction (algo.sampler_is_weights).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import os
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
+
+from amft_cli.config import Config
 
 try:
     from transformers.cache_utils import DynamicLayer
@@ -41,12 +52,16 @@ class Rollouts:
     # per-token log-probs of the policy that produced each row, where known (None: the current
     # policy, detached, as with one update per rollout batch)
     behaviour_logprobs: list[list[float] | None] = field(default_factory=list)
+    # per-token log π(token) at temperature 1 as the SAMPLER computed it (its dtype, kernels and
+    # cache); None: the row was not sampled by a backend (e.g. a demonstration)
+    sampler_logprobs: list[list[float] | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         rows = len(self.completion_ids)
         self.group = self.group or list(range(rows))
         self.off_policy = self.off_policy or [False] * rows
         self.behaviour_logprobs = self.behaviour_logprobs or [None] * rows
+        self.sampler_logprobs = self.sampler_logprobs or [None] * rows
 
     @property
     def num_tokens(self) -> int:
@@ -83,12 +98,17 @@ def cache_of(out):
 
 
 def _sample(logits: torch.Tensor, greedy: bool, temperature: float, top_p: float,
-            generator: torch.Generator | None, uniform: torch.Tensor | None = None) -> torch.Tensor:
-    """Next tokens from last-position logits (B, V) -> (B,). uniform (B,): each row's draw in
-    [0, 1) (row_uniforms); None: drawn from `generator`."""
+            generator: torch.Generator | None,
+            uniform: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens from last-position logits (B, V) -> tokens (B,) and their log-probs (B,) at
+    temperature 1: the quantity the trainer's forward computes for the same token (its loss
+    uses π_θ untempered), so the two can be compared whatever the sampling temperature.
+    uniform (B,): each row's draw in [0, 1) (row_uniforms); None: drawn from `generator`."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
     if greedy or temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+        tokens = logits.argmax(-1)
+        return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    probs = logprobs.exp() if temperature == 1.0 else torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the top token
@@ -98,8 +118,8 @@ def _sample(logits: torch.Tensor, greedy: bool, temperature: float, top_p: float
     cdf = probs.cumsum(-1)
     u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device) if uniform is None \
         else uniform.unsqueeze(-1)
-    u = u * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+    tokens = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 class _PreallocatedLayer(DynamicLayer if DynamicLayer is not None else object):
@@ -161,9 +181,11 @@ def stop_ids(model, tokenizer) -> list[int]:
 @torch.inference_mode()
 def _generate_batch(model, prompt_ids: list[list[int]], n: int, *, pad_id: int, stop: list[int],
                     max_new_tokens: int, greedy: bool, temperature: float, top_p: float,
-                    generator: torch.Generator | None, uniforms: torch.Tensor | None = None) -> list[list[int]]:
-    """Sample n continuations of each prompt; returns P·n token lists (stop token kept). uniforms
-    (P·n, max_new_tokens): each row's draws (row_uniforms); None: from `generator`."""
+                    generator: torch.Generator | None, uniforms: torch.Tensor | None = None,
+                    ) -> tuple[list[list[int]], list[list[float]]]:
+    """Sample n continuations of each prompt; returns P·n token lists (stop token kept) and the
+    sampler's log-prob of each of those tokens. uniforms (P·n, max_new_tokens): each row's
+    draws (row_uniforms); None: from `generator`."""
     device = next(model.parameters()).device
     uniforms = None if uniforms is None else uniforms.to(device)
     stop_t = torch.tensor(stop, dtype=torch.long, device=device)
@@ -179,10 +201,12 @@ def _generate_batch(model, prompt_ids: list[list[int]], n: int, *, pad_id: int, 
     mask[:, :width] = prompt_mask.repeat_interleave(n, dim=0)
     next_pos = positions[:, -1:].repeat_interleave(n, dim=0) + 1
     tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    token_logprobs = torch.zeros((rows, max_new_tokens), device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
     for t in range(max_new_tokens):
-        nxt = _sample(logits, greedy, temperature, top_p, generator, None if uniforms is None else uniforms[:, t])
+        nxt, token_logprobs[:, t] = _sample(logits, greedy, temperature, top_p, generator,
+                                            None if uniforms is None else uniforms[:, t])
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         tokens[:, t] = nxt
         just_done = torch.isin(nxt, stop_t) & ~done
@@ -194,36 +218,41 @@ def _generate_batch(model, prompt_ids: list[list[int]], n: int, *, pad_id: int, 
         seen = mask if preallocated else mask[:, : width + t + 1]
         out = forward(model, nxt.unsqueeze(-1), seen, next_pos, cache)
         logits, next_pos = out.logits[:, -1], next_pos + 1
-    tokens, lengths = tokens.cpu(), lengths.cpu()
-    return [tokens[i, : lengths[i]].tolist() for i in range(rows)]
+    tokens, token_logprobs, lengths = tokens.cpu(), token_logprobs.cpu(), lengths.cpu()
+    return ([tokens[i, : lengths[i]].tolist() for i in range(rows)],
+            [token_logprobs[i, : lengths[i]].tolist() for i in range(rows)])
 
 
 def generate(model, tokenizer, prompt_ids: list[list[int]], n: int = 1, *, max_new_tokens: int,
              greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              batch_size: int = 256, generator: torch.Generator | None = None,
-             uniforms: torch.Tensor | None = None, engine: "VLLMEngine | None" = None) -> Rollouts:
-    """n completions per prompt, groups contiguous. batch_size counts completions per forward.
-    uniforms (P·n, max_new_tokens), optional: each row's sampling draws (row_uniforms), which
-    make a row's sample independent of the batch it is generated in; else `generator` draws."""
+             uniforms: torch.Tensor | None = None) -> Rollouts:
+    """n completions per prompt from the hf sampler, groups contiguous. batch_size counts
+    completions per forward. uniforms (P·n, max_new_tokens), optional: each row's sampling
+    draws (row_uniforms), which make a row's sample independent of the batch it is generated
+    in; else `generator` draws."""
     stop = stop_ids(model, tokenizer)
-    if engine is not None:
-        completions = engine.generate(prompt_ids, n, max_new_tokens=max_new_tokens, greedy=greedy,
-                                      temperature=temperature, top_p=top_p)
-    else:
-        per_batch = max(1, batch_size // n)
-        completions = []
-        for start in range(0, len(prompt_ids), per_batch):
-            completions += _generate_batch(
-                model, prompt_ids[start:start + per_batch], n, pad_id=tokenizer.pad_token_id,
-                stop=stop, max_new_tokens=max_new_tokens, greedy=greedy,
-                temperature=temperature, top_p=top_p, generator=generator,
-                uniforms=None if uniforms is None else uniforms[start * n:(start + per_batch) * n])
+    per_batch = max(1, batch_size // n)
+    completions, logprobs = [], []
+    for start in range(0, len(prompt_ids), per_batch):
+        ids, lps = _generate_batch(
+            model, prompt_ids[start:start + per_batch], n, pad_id=tokenizer.pad_token_id, stop=stop,
+            max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p,
+            generator=generator, uniforms=None if uniforms is None else uniforms[start * n:(start + per_batch) * n])
+        completions, logprobs = completions + ids, logprobs + lps
+    return to_rollouts(tokenizer, prompt_ids, n, completions, logprobs, stop)
+
+
+def to_rollouts(tokenizer, prompt_ids: list[list[int]], n: int, completions: list[list[int]],
+                sampler_logprobs: list[list[float]], stop: list[int]) -> Rollouts:
+    """Rollouts of P prompts × n completions (completions grouped by prompt, in order)."""
     return Rollouts(
         prompt_ids=[p for p in prompt_ids for _ in range(n)],
         completion_ids=completions,
         texts=tokenizer.batch_decode(completions, skip_special_tokens=True),
         finished=[len(c) > 0 and c[-1] in stop for c in completions],
         group=[i for i in range(len(prompt_ids)) for _ in range(n)],
+        sampler_logprobs=sampler_logprobs,
     )
 
 
@@ -240,6 +269,53 @@ def row_uniforms(seed: int, first_row: int, rows: int, length: int) -> torch.Ten
     return out
 
 
+# ---------------------------------------------------------------------------
+# the backend interface
+
+
+class RolloutBackend(Protocol):
+    """What the trainer samples through. generate() returns grouped Rollouts with the
+    sampler's log-probs; uniforms (P·n, max_new_tokens) are the rows' draws (row_uniforms),
+    for a backend that can sample from given draws; sync_weights() is called after every
+    optimizer step."""
+
+    name: str
+
+    def generate(self, prompt_ids: list[list[int]], n: int, *, max_new_tokens: int, temperature: float,
+                 top_p: float, uniforms: torch.Tensor | None) -> Rollouts: ...
+
+    def sync_weights(self) -> None: ...
+
+
+class HFBackend:
+    """The lean sampler on the policy's own model: its weights are the trained ones, so sync is a
+    no-op. Runs under whatever autocast the caller holds (the policy's bf16 compute)."""
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer) -> None:
+        self.model, self.tokenizer = model, tokenizer
+
+    def generate(self, prompt_ids: list[list[int]], n: int, *, max_new_tokens: int, temperature: float,
+                 top_p: float, uniforms: torch.Tensor | None) -> Rollouts:
+        return generate(self.model, self.tokenizer, prompt_ids, n, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, uniforms=uniforms)
+
+    def sync_weights(self) -> None:
+        pass
+
+
+def make_backend(cfg: Config, model, tokenizer) -> RolloutBackend:
+    """The rollout backend named by rl.backend, for the policy `model` (a peft model or plain)."""
+    if cfg.rl.backend == "hf":
+        return HFBackend(model, tokenizer)
+    from amft_cli.rollout_vllm import VLLMBackend  # vLLM is an optional extra: imported only here
+
+    return VLLMBackend(model, tokenizer, dtype=cfg.model.dtype, gpu_memory=cfg.rl.vllm_gpu_memory,
+                       seed=cfg.seed, max_model_len=cfg.rl.max_new_tokens + 2048,  # prompts up to 2048 tokens
+                       sleep=cfg.rl.vllm_sleep)
+
+
 def sample_texts(model, tokenizer, prompts: list[str], n: int, *, greedy: bool, temperature: float,
                  top_p: float, max_new_tokens: int, batch_size: int, chat_template: bool,
                  seed: int) -> list[list[str]]:
@@ -252,57 +328,3 @@ def sample_texts(model, tokenizer, prompts: list[str], n: int, *, greedy: bool, 
     out = generate(model, tokenizer, ids, n, max_new_tokens=max_new_tokens, greedy=greedy,
                    temperature=temperature, top_p=top_p, batch_size=batch_size, generator=generator)
     return [out.texts[i * n:(i + 1) * n] for i in range(len(prompts))]
-
-
-# ---------------------------------------------------------------------------
-# vLLM (optional extra, GPU only)
-
-
-class VLLMEngine:
-    """A colocated vLLM engine whose weights follow the policy after every update.
-
-    Needs `pip install amft-cli[vllm]` and a CUDA GPU. vLLM runs in this process
-    (VLLM_ENABLE_V1_MULTIPROCESSING=0) so new weights are loaded in place with
-    the model's own `load_weights`, the way colocated GRPO trainers do it.
-    """
-
-    def __init__(self, model_path: str, dtype: str, gpu_memory: float, seed: int, max_len: int):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        try:
-            from vllm import LLM
-        except ImportError:
-            raise ValueError("rl.backend 'vllm': vLLM is not installed; `pip install 'amft-cli[vllm]'` "
-                             "on a CUDA machine, or use --set rl.backend=hf") from None
-        if not torch.cuda.is_available():
-            raise ValueError("rl.backend 'vllm': needs a CUDA GPU; use --set rl.backend=hf on CPU")
-        self.llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory, seed=seed,
-                       max_model_len=max_len, enable_prefix_caching=True)
-
-    def sync_weights(self, model) -> None:
-        """Copy the policy's current weights into vLLM (LoRA adapters merged into the copy only)."""
-        runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
-        runner.model.load_weights(weights=list(merged_state_dict(model).items()))
-        self.llm.reset_prefix_cache()
-
-    def generate(self, prompt_ids: list[list[int]], n: int, *, max_new_tokens: int, greedy: bool,
-                 temperature: float, top_p: float) -> list[list[int]]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        params = SamplingParams(n=n, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
-                                top_p=1.0 if greedy else top_p)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
-        return [list(o.token_ids) for out in outs for o in out.outputs]
-
-
-def merged_state_dict(model) -> dict[str, torch.Tensor]:
-    """The weights as a plain HF model would name them; a peft model's adapters are merged
-    into a copy and unmerged again, so the training model keeps its LoRA layers."""
-    if not hasattr(model, "merge_adapter"):
-        return model.state_dict()
-    model.merge_adapter()
-    try:
-        return {k.replace("base_model.model.", "", 1).replace(".base_layer", ""): v.detach().clone()
-                for k, v in model.state_dict().items() if "lora_" not in k}
-    finally:
-        model.unmerge_adapter()

@@ -22,7 +22,8 @@ import torch
 from amft_cli.config import Config
 from amft_cli.policy import Policy, grads_in_chunks
 from amft_cli.rewards import RewardFn, score_completions
-from amft_cli.rollout import Rollouts, generate, row_uniforms
+from amft_cli import algo
+from amft_cli.rollout import RolloutBackend, Rollouts, row_uniforms
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Run:
     train_set: list[dict]
     val_set: list[dict]
     reward_fn: RewardFn | None
+    backend: RolloutBackend | None = None   # rollout.make_backend; None when the method never samples
     cursors: Cursors = field(default_factory=Cursors)
     on_message: Callable[[str], None] = print
 
@@ -109,14 +111,61 @@ class RLBatch:
     num_seqs: int              # rows of the whole batch, all processes (loss normaliser)
 
 
+def _known_or_current(logprobs: torch.Tensor, known_rows: list[list[float] | None]) -> torch.Tensor:
+    """(B, T): each row's recorded per-token log-probs where known, else `logprobs` detached."""
+    out = logprobs.detach()
+    if all(row is None for row in known_rows):
+        return out.clone()
+    width = out.shape[1]
+    values, known = [], []
+    for row in known_rows:
+        row = (row or [])[:width]
+        values.append(list(row) + [0.0] * (width - len(row)))
+        known.append([True] * len(row) + [False] * (width - len(row)))
+    return torch.where(torch.tensor(known, device=out.device),
+                       torch.tensor(values, dtype=out.dtype, device=out.device), out)
+
+
 def behaviour_logprobs(logprobs: torch.Tensor, batch: RLBatch, rows: slice) -> torch.Tensor:
     """π_old per token (B, T): the rows' recorded behaviour log-probs where known, else the
     current ones detached (one update per rollout batch: π_old = π_θ)."""
-    old = logprobs.detach().clone()
-    for i, known in enumerate(batch.rollouts.behaviour_logprobs[rows]):
-        if known is not None:
-            old[i, : len(known)] = torch.tensor(known, dtype=old.dtype, device=old.device)
-    return old
+    return _known_or_current(logprobs, batch.rollouts.behaviour_logprobs[rows])
+
+
+class SamplerGap:
+    """The sampler correction of each micro-batch, and what it measured over the whole batch:
+    |log π_train − log π_sampler| over sampled tokens (mean, max), the mean weight, and the
+    share of sampled rows the cap touched (masked or truncated). Rows without sampler
+    log-probs (demonstrations) get weight 1 and are left out of the figures."""
+
+    def __init__(self, mode: str, cap: float) -> None:
+        self.mode, self.cap = mode, cap
+        self.gap_sum, self.gap_max, self.weight_sum, self.tokens, self.rows, self.capped = 0.0, 0.0, 0.0, 0.0, 0, 0
+
+    def weights(self, logprobs: torch.Tensor, mask: torch.Tensor, batch: RLBatch, rows: slice) -> torch.Tensor:
+        """is_weights (B, T) of the batch rows `rows`."""
+        known = batch.rollouts.sampler_logprobs[rows]
+        sampler = _known_or_current(logprobs, known)
+        weights = algo.sampler_is_weights(logprobs, sampler, mask, self.mode, self.cap)
+        sampled = mask * torch.tensor([k is not None for k in known], device=mask.device).unsqueeze(-1)
+        gap = torch.nan_to_num((logprobs.detach() - sampler).abs(), nan=0.0) * sampled
+        capped = (weights == 0) if self.mode.endswith("_mask") else (weights >= self.cap)
+        self.gap_sum += gap.sum().item()
+        self.gap_max = max(self.gap_max, gap.max().item())
+        self.weight_sum += (weights * sampled).sum().item()
+        self.tokens += sampled.sum().item()
+        self.rows += int((sampled.sum(-1) > 0).sum())
+        self.capped += int(((capped & (sampled > 0)).any(-1)).sum()) if self.mode != "none" else 0
+        return weights
+
+    def stats(self, dist) -> dict:
+        """The figures over every training process's rows (dist: parallel.Processes)."""
+        gap_sum, weight_sum, tokens, rows, capped = dist.sum_floats(
+            [self.gap_sum, self.weight_sum, self.tokens, float(self.rows), float(self.capped)])
+        return {"rollout/logprob_diff_mean": gap_sum / max(tokens, 1.0),
+                "rollout/logprob_diff_max": max(dist.gather([self.gap_max])),
+                "rollout/is_weight_mean": weight_sum / tokens if tokens else 1.0,
+                "rollout/is_capped_frac": capped / max(rows, 1.0)}
 
 
 def add_demonstrations(policy: Policy, rollouts: Rollouts, examples: list[dict]) -> Rollouts:
@@ -127,10 +176,10 @@ def add_demonstrations(policy: Policy, rollouts: Rollouts, examples: list[dict])
     r = rollouts
     for i, g in enumerate(r.group):
         rows.append((r.prompt_ids[i], r.completion_ids[i], r.texts[i], r.finished[i], g, r.off_policy[i],
-                     r.behaviour_logprobs[i]))
+                     r.behaviour_logprobs[i], r.sampler_logprobs[i]))
         if i + 1 == len(r.group) or r.group[i + 1] != g:
             prompt, demo = policy.demo_ids(examples[g])
-            rows.append((prompt, demo, examples[g]["demonstration"], True, g, True, None))
+            rows.append((prompt, demo, examples[g]["demonstration"], True, g, True, None, None))
     return Rollouts(*map(list, zip(*rows)))
 
 
@@ -159,10 +208,11 @@ def rl_signal(run: Run, examples: list[dict], method, timer: PhaseTimer) -> tupl
     run.cursors.rollouts += len(examples) * n  # all processes' samples, before shaping adds off-policy rows
     examples = policy.dist.shard(examples)
     with timer("rollout"), policy.compute():
-        rollouts = generate(policy.model, policy.tokenizer, [policy.prompt_ids(ex) for ex in examples], n,
-                            max_new_tokens=cfg.rl.max_new_tokens, temperature=cfg.rl.temperature,
-                            top_p=cfg.rl.top_p, engine=policy.engine,
-                            uniforms=row_uniforms(cfg.seed, first_row, len(examples) * n, cfg.rl.max_new_tokens))
+        rollouts = run.backend.generate([policy.prompt_ids(ex) for ex in examples], n,
+                                        max_new_tokens=cfg.rl.max_new_tokens, temperature=cfg.rl.temperature,
+                                        top_p=cfg.rl.top_p,
+                                        uniforms=row_uniforms(cfg.seed, first_row, len(examples) * n,
+                                                              cfg.rl.max_new_tokens))
         rollouts = method.shape_rollouts(run, rollouts, examples)
     with timer("reward"):
         grouped = [examples[g] for g in rollouts.group]
@@ -173,15 +223,16 @@ def rl_signal(run: Run, examples: list[dict], method, timer: PhaseTimer) -> tupl
                         num_tokens, int(num_seqs))
     with timer("losses"):
         prompts, completions = rollouts.prompt_ids, rollouts.completion_ids
+        gap = SamplerGap(cfg.rl.sampler_correction, cfg.rl.sampler_is_cap)
 
         def chunk_loss(logprobs, mask, rows, entropy):
             ref = (policy.ref_logprobs(prompts[rows], completions[rows], rollouts.group[rows])
                    if cfg.rl.kl_beta > 0 else None)
-            return method.rl_loss(logprobs, mask, batch, rows, ref, entropy)
+            return method.rl_loss(logprobs, mask, batch, rows, ref, entropy, gap.weights(logprobs, mask, batch, rows))
 
         grads, loss, chunk_stats = grads_in_chunks(policy, prompts, completions, chunk_loss,
                                                    cfg.train.micro_batch_size, rollouts.group, method.entropy_grad)
-    stats = {**rollout_stats(run, batch, timer.seconds.get("rollout", 0.0)),
+    stats = {**rollout_stats(run, batch, timer.seconds.get("rollout", 0.0)), **gap.stats(policy.dist),
              "policy/entropy": chunk_stats.pop("entropy"),
              **{f"rl/{k}": v for k, v in chunk_stats.items()}}
     return grads, loss, stats

@@ -38,6 +38,7 @@ from amft_cli.methods.base import Method
 from amft_cli.metrics import MetricSink
 from amft_cli.policy import Policy, load_for_training, sft_grads
 from amft_cli.rewards import load_reward_fn
+from amft_cli.rollout import make_backend
 from amft_cli.rundir import RunLock
 from amft_cli.signals import Cursors, PhaseTimer, Run, rl_signal
 from amft_cli.tasks import get_task
@@ -173,8 +174,9 @@ def setup(cfg: Config, checkpoint: Path | None = None,
     method_cls = methods.get(cfg.train.algo)
     task, train_set, val_set = get_task(cfg.task.name), load_split(cfg, "train"), load_split(cfg, "val")
     reward_fn = load_reward_fn(cfg.task.reward)
-    policy = load_for_training(cfg, checkpoint, method_cls.uses_rollouts, parallel.current())
-    run = Run(policy, cfg, task, train_set, val_set, reward_fn, on_message=on_message)
+    policy = load_for_training(cfg, checkpoint, parallel.current())
+    backend = make_backend(cfg, policy.model, policy.tokenizer) if method_cls.uses_rollouts else None
+    run = Run(policy, cfg, task, train_set, val_set, reward_fn, backend, on_message=on_message)
     return run, method_cls(cfg, policy), make_optimizers(policy, cfg)
 
 
@@ -299,7 +301,8 @@ def train_step(run: Run, method: Method, optimizers: dict) -> dict:
         with timer("update"):
             metrics["optim/grad_norm"] = apply_update(policy, optimizers, g_sft, g_rl, mu, cfg, lr_scale)
             metrics["optim/skipped"] = 0.0
-            policy.after_update()
+            if run.backend is not None:
+                run.backend.sync_weights()  # a vLLM engine holds its own copy of the weights
         with timer("method"), guard.KeepFinite(method) as kept:
             metrics.update(method.after_update(run, step))
         if kept.problem is not None:

@@ -108,7 +108,7 @@ def test_luffy_group_advantages_and_shaped_loss_by_hand():
     assert batch.advantages.tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5])  # r − mean, no std
     logprobs = torch.log(torch.tensor([[0.5], [0.2], [0.8], [0.4]])).requires_grad_(True)
     entropy = torch.tensor([[1.0], [2.0], [3.0], [2.0]])
-    loss, stats = luffy.rl_loss(logprobs, torch.ones(4, 1), batch, slice(0, 4), None, entropy)
+    loss, stats = luffy.rl_loss(logprobs, torch.ones(4, 1), batch, slice(0, 4), None, entropy, torch.ones(4, 1))
     # samples: −A·ρ with ρ = 1; demo: −A·p/(p+γ) = −0.5·0.4/0.5; Σ / max_new_tokens; − 0.001·mean H
     assert loss.item() == pytest.approx((-0.5 + 0.5 + 0.5 - 0.4) / 4 - 0.001 * 2.0, rel=1e-5)
     assert stats["off_policy_prob"] == pytest.approx(0.4)
@@ -146,7 +146,7 @@ def test_srft_weights_and_self_loss_by_hand():
     assert batch.advantages[2].item() == pytest.approx(a_demo, rel=1e-4)
     logprobs = torch.log(torch.tensor([[0.5], [0.25], [0.4]])).requires_grad_(True)
     entropy = torch.tensor([[LN2], [0.3], [0.0]])
-    loss, _ = srft.rl_loss(logprobs, torch.ones(3, 1), batch, slice(0, 3), None, entropy)
+    loss, _ = srft.rl_loss(logprobs, torch.ones(3, 1), batch, slice(0, 3), None, entropy, torch.ones(3, 1))
     # correct own sample: 0.2·(−ln 0.5); wrong own sample: +ln 0.25; demo: −A·p; token mean
     expected = (0.2 * LN2 + math.log(0.25) - a_demo * 0.4) / 3
     assert loss.item() == pytest.approx(expected, rel=1e-4)

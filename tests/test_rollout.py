@@ -42,11 +42,22 @@ def test_batched_cached_greedy_equals_uncached_decoding(tiny):
 def test_sampling_matches_the_distribution_and_top_p():
     g = torch.Generator().manual_seed(0)
     logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]])).repeat(100_000, 1)
-    freq = torch.bincount(_sample(logits, False, 1.0, 1.0, g), minlength=4) / 100_000
+    tokens, logprobs = _sample(logits, False, 1.0, 1.0, g)
+    freq = torch.bincount(tokens, minlength=4) / 100_000
     assert torch.allclose(freq, torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.01)
-    freq = torch.bincount(_sample(logits, False, 1.0, 0.5, g), minlength=4) / 100_000
+    # each token's log-prob at temperature 1, whatever the sampling temperature or nucleus
+    assert torch.allclose(logprobs, torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))[tokens])
+    tokens, logprobs = _sample(logits, False, 1.0, 0.5, g)
+    freq = torch.bincount(tokens, minlength=4) / 100_000
     assert torch.allclose(freq, torch.tensor([0.0, 0.0, 3 / 7, 4 / 7]), atol=0.01)
-    assert _sample(logits[:3], True, 1.0, 1.0, g).tolist() == [3, 3, 3]
+    assert torch.allclose(logprobs, torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))[tokens])
+    tokens, logprobs = _sample(logits[:3], True, 1.0, 1.0, g)
+    assert tokens.tolist() == [3, 3, 3] and torch.allclose(logprobs, torch.log(torch.tensor(0.4)).expand(3))
+    # temperature 0.5 squares and renormalises the probabilities: [1, 4, 9, 16] / 30
+    tokens, logprobs = _sample(logits, False, 0.5, 1.0, g)
+    freq = torch.bincount(tokens, minlength=4) / 100_000
+    assert torch.allclose(freq, torch.tensor([1, 4, 9, 16]) / 30, atol=0.01)
+    assert torch.allclose(logprobs, torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))[tokens])
 
 
 def test_seeded_sampling_is_reproducible_and_stops_at_eos(tiny):
@@ -69,22 +80,25 @@ def _sampled_reference(model, prompts: list[list[int]], n: int, steps: int, pad:
     rows = [[pad] * (width - len(p)) + p for p in prompts for _ in range(n)]
     masks = [[0] * (width - len(p)) + [1] * len(p) for p in prompts for _ in range(n)]
     out: list[list[int]] = [[] for _ in rows]
+    logprobs: list[list[float]] = [[] for _ in rows]
     done = [False] * len(rows)
     for _ in range(steps):
         mask = torch.tensor(masks)
         logits = model(input_ids=torch.tensor(rows), attention_mask=mask,
                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
-        nxt = _sample(logits, False, 1.0, 1.0, generator).tolist()
+        nxt = _sample(logits, False, 1.0, 1.0, generator)[0].tolist()
+        logp = torch.log_softmax(logits, -1)
         for i, tok in enumerate(nxt):
             live = not done[i]
             if live:
                 out[i].append(tok)
+                logprobs[i].append(logp[i, tok].item())
                 done[i] = tok == eos
             rows[i].append(tok if live else pad)
             masks[i].append(int(live))
         if all(done):
             break
-    return out
+    return out, logprobs
 
 
 @pytest.mark.parametrize("preallocated", [True, False])
@@ -96,7 +110,9 @@ def test_sampled_tokens_equal_uncached_sampling(tiny, monkeypatch, preallocated)
     monkeypatch.setattr(rollout, "_expand_cache", lambda *args: expanded.append(expand(*args)) or expanded[-1])
     prompts = [encode_prompt(tok, p, False) for p in ["1+2*3=", "45+6*7=", "9="]]
     out = generate(model, tok, prompts, n=3, max_new_tokens=9, generator=torch.Generator().manual_seed(5))
-    ref = _sampled_reference(model, prompts, 3, 9, tok.pad_token_id, tok.eos_token_id,
-                             torch.Generator().manual_seed(5))
+    ref, ref_logprobs = _sampled_reference(model, prompts, 3, 9, tok.pad_token_id, tok.eos_token_id,
+                                           torch.Generator().manual_seed(5))
     assert expanded == [preallocated] and out.completion_ids == ref
     assert len({tuple(c) for c in ref}) > 3  # really sampled: the samples of a prompt differ
+    for got, want in zip(out.sampler_logprobs, ref_logprobs):  # the sampler's log-probs of its tokens
+        assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-5)

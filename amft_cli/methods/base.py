@@ -80,14 +80,16 @@ class Method:
         return algo.group_advantages(rewards, rollouts.group, self.cfg.rl.scale_adv_by_std)
 
     def rl_loss(self, logprobs: torch.Tensor, mask: torch.Tensor, batch: RLBatch, rows: slice,
-                ref_logprobs: torch.Tensor | None, entropy: torch.Tensor) -> tuple[torch.Tensor, dict]:
+                ref_logprobs: torch.Tensor | None, entropy: torch.Tensor,
+                is_weights: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Loss of the batch rows `rows` (logprobs, mask, entropy (b, T)), normalised by whole-batch
-        counts so that micro-batches add up to the batch loss."""
+        counts so that micro-batches add up to the batch loss. is_weights (b, T): the sampler
+        correction (algo.sampler_is_weights), to scale each token's policy-gradient term."""
         rl = self.cfg.rl
         return algo.policy_loss(
             logprobs, behaviour_logprobs(logprobs, batch, rows), batch.advantages[rows].to(logprobs.device),
             mask, rl.clip_eps, rl.clip_eps_high, rl.loss_agg, ref_logprobs, rl.kl_beta,
-            batch.num_tokens, batch.num_seqs)
+            batch.num_tokens, batch.num_seqs, is_weights)
 
     # --- the SFT batch
 

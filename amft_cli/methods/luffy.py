@@ -66,12 +66,13 @@ class LUFFY(Method):
     def advantages(self, rewards: torch.Tensor, rollouts: Rollouts) -> torch.Tensor:
         return algo.group_advantages(rewards, rollouts.group, self.cfg.luffy.scale_adv_by_std)
 
-    def rl_loss(self, logprobs, mask, batch: RLBatch, rows: slice, ref_logprobs, entropy):
+    def rl_loss(self, logprobs, mask, batch: RLBatch, rows: slice, ref_logprobs, entropy, is_weights):
         c, rl = self.cfg.luffy, self.cfg.rl
         off_policy = torch.tensor(batch.rollouts.off_policy[rows], device=logprobs.device)
         tokens, clipped = luffy_tokens(logprobs, behaviour_logprobs(logprobs, batch, rows),
                                        batch.advantages[rows].to(logprobs.device), off_policy, c.gamma,
                                        rl.clip_eps, rl.clip_eps_high, c.clip)
+        tokens = tokens * is_weights  # the sampler correction (1 on the demonstration rows)
         if c.token_mean:
             loss = algo.aggregate(tokens, mask, "token-mean", batch.num_tokens)
         else:

@@ -106,7 +106,8 @@ class ReLIFT(Method):
         norm = torch.nn.utils.clip_grad_norm_(policy.params, self.cfg.relift.grad_clip).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        policy.after_update()
+        if run.backend is not None:
+            run.backend.sync_weights()  # its own step moved the weights too
         return {"relift/sft_loss": value, "relift/sft_grad_norm": norm, "relift/sft_entropy": stats["entropy"]}
 
     def state_dict(self) -> dict:

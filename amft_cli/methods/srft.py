@@ -51,14 +51,14 @@ class SRFT(Method):
     def shape_rollouts(self, run: Run, rollouts: Rollouts, examples: list[dict]) -> Rollouts:
         return add_demonstrations(run.policy, rollouts, examples)
 
-    def rl_loss(self, logprobs, mask, batch: RLBatch, rows: slice, ref_logprobs, entropy):
+    def rl_loss(self, logprobs, mask, batch: RLBatch, rows: slice, ref_logprobs, entropy, is_weights):
         device = logprobs.device
         off_policy = torch.tensor(batch.rollouts.off_policy[rows], device=device)
         correct = torch.tensor([s == "correct" for s in batch.statuses[rows]], device=device)
         _, w_rl = algo.srft_weights(entropy, self.cfg.srft.sft_coef, self.cfg.srft.positive_coef)
         demo = algo.off_policy_tokens(logprobs, batch.advantages[rows].to(device), gamma=None)
         own = algo.srft_self_tokens(logprobs, correct, w_rl)
-        tokens = torch.where(off_policy.unsqueeze(-1), demo, own)
+        tokens = torch.where(off_policy.unsqueeze(-1), demo, own) * is_weights  # sampler correction
         loss = algo.aggregate(tokens, mask, self.cfg.rl.loss_agg, batch.num_tokens, batch.num_seqs)
         own_mask = mask * (~off_policy & correct).unsqueeze(-1)
         return loss, {"w_rl": algo.masked_mean(w_rl, own_mask).item()}
