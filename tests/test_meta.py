@@ -19,6 +19,7 @@ from amft_cli.methods.amft import ControllerState, controller_step
 from amft_cli.metrics import read_metrics
 from amft_cli.model import load_policy
 from amft_cli.policy import Policy, pack
+from amft_cli.rollout import HFBackend
 from amft_cli.train import apply_update, lr_factor, make_optimizers, update_derivative
 from test_train import REWARD, W, data_dir, one_thread, scrambled_reward, small_sets  # noqa: F401 (fixtures)
 
@@ -167,7 +168,7 @@ class MetaProbe:
 
             def utility():  # the real ∇U, recording the rollouts and advantages it used
                 with pytest.MonkeyPatch.context() as mp:
-                    mp.setattr(signals, "generate", record_calls(signals.generate, captured, "rollouts"))
+                    mp.setattr(HFBackend, "generate", record_calls(HFBackend.generate, captured, "rollouts"))
                     mp.setattr(algo, "group_advantages", record_calls(algo.group_advantages, captured, "advantages"))
                     return args[-1]()
             metrics = real(*args[:-1], utility)
