@@ -71,7 +71,8 @@ PRESET = typer.Option(None, "--preset", "-p", metavar="NAME|FILE", help=f"Preset
                       f"TOML file (default: {DEFAULT_PRESET}). `amft presets` lists them.")
 SET = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help="Override a config key, e.g. --set "
                    "train.lr=1e-5 (repeatable; type-checked). `amft presets --keys` lists every key.")
-SEED = typer.Option(None, "--seed", help="Global seed (model init, data order, sampling); same as --set seed=N.")
+SEED = typer.Option(None, "--seed", help="Global seed (data order, sampling, LoRA init); same as --set seed=N. "
+                    "A tiny base model is built with one fixed seed, so every --seed fine-tunes the same base.")
 JSON_OUT = typer.Option(False, "--json", help="Print one JSON document of the headline results on stdout and "
                         "nothing else there (progress and messages go to stderr).")
 FAIL_UNDER = typer.Option(None, "--fail-under", metavar="METRIC=VALUE", help="Exit with code 3 when METRIC is "
@@ -150,20 +151,36 @@ def presets(keys: bool = typer.Option(False, "--keys", help="List every config k
     console.print(table)
 
 
+def prepare_with_progress(cfg: Config, force: bool = False, eval_only: bool = False) -> None:
+    """data.prepare with a spinner, and a progress bar while the tiny model pre-trains
+    (plain lines every 10% off a terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from amft_cli.data import prepare as prepare_data
+
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+        task = bar.add_task(f"preparing {cfg.task.name} data in {cfg.task.data_dir}/", total=None)
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            bar.update(task, description=f"pre-training the tiny model (loss {loss:.3f})", completed=step, total=total)
+            if not console.is_terminal and step % max(1, total // 10) == 0:
+                console.print(f"pre-training step {step}/{total}: loss {loss:.3f}")
+
+        prepare_data(cfg, force=force, log=console.print, eval_only=eval_only, on_pretrain_step=on_step)
+
+
 @app.command()
 def prepare(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET, seed: Optional[int] = SEED,
             force: bool = typer.Option(False, "--force", help="Rebuild data and tiny model even if present."),
             eval_only: bool = typer.Option(False, "--eval-only", help="Only the evaluation splits (math: no training "
                                            "set needed); `amft eval` does this by itself.")):
-    """Generate the task's data splits (and build the tiny model for CPU presets).
+    """Generate the task's data splits (and build, and pre-train where configured, the tiny model of CPU presets).
 
     Example: amft prepare --preset tiny-gp
     """
-    from amft_cli.data import prepare as prepare_data
-
-    cfg = resolve_config(preset, overrides, seed)
-    with console.status(f"preparing {cfg.task.name} data in {cfg.task.data_dir}/ ..."):
-        prepare_data(cfg, force=force, log=console.print, eval_only=eval_only)
+    prepare_with_progress(resolve_config(preset, overrides, seed), force=force, eval_only=eval_only)
 
 
 @contextlib.contextmanager
@@ -224,13 +241,13 @@ def train(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET, 
             _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwrite) as (cfg, out):
         # imported only now so that config mistakes are reported without loading torch (~3 s)
         from amft_cli.dashboard import Dashboard
-        from amft_cli.data import is_prepared, prepare as prepare_data
+        from amft_cli.data import is_prepared
         from amft_cli.train import train as run_training
 
         dist = parallel.current()
         if dist.is_main and not is_prepared(cfg):
-            console.print(f"[dim]data or model for {cfg.task.name} missing: preparing first[/]")
-            prepare_data(cfg, log=console.print)
+            console.print(f"[dim]data or model for {cfg.task.name} missing or stale: preparing first[/]")
+            prepare_with_progress(cfg)
         dist.barrier()  # the others read what the main process prepared
         if not dist.is_main:  # the main process reports for all
             run_training(cfg, out, resume=resume is not None)
@@ -244,7 +261,7 @@ def train(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET, 
         if "before" in summary and "after" in summary:
             b, a = summary["before"], summary["after"]
             console.print(f"[bold]{a['label']} on {a['n']} unseen ID test examples: "
-                          f"untrained {b['value']:.1%} → trained {a['value']:.1%}[/]")
+                          f"before training {b['value']:.1%} → after {a['value']:.1%}[/]")
         console.print(f"run directory: {out}  (next: amft eval --run {out} --ood ; amft plot curriculum {out})")
         if json_out:
             emit_json(train_document(cfg, out, result), stdout)

@@ -52,7 +52,13 @@ class TaskConfig:
     val_size: int = knob(256, "Held-out demonstrations/prompts used for the entropy target H* and the meta-gradient utility.")
     test_size: int = knob(500, "Unseen ID test examples (never in train or val).")
     ood_size: int = knob(500, "Out-of-distribution test examples (changed rule or larger operands).")
+    pretrain_size: int = knob(0, "gp/virl only: examples of the broad pretraining mix (stated face values "
+                              "10-13 / both action spaces) that `prepare` pre-trains a tiny model on; 0 = none.")
     seed: int = knob(1234, "Seed of the data generator; the same seed gives the same splits.")
+    verify_iter: int = knob(1, "Sequential revision (Chu et al. 2025): up to this many attempts per problem (V-IRL: "
+                            "per route step); after a failed one the verifier's message comes back as 'You failed "
+                            "this trial because ...' and the model answers again. Every attempt is scored and "
+                            "trained on; success = solved within the attempts. Reference: GP 5, V-IRL 2; 1 = one try.")
     reward: str = knob("", "Optional custom reward 'pkg.module:fn', TRL contract: "
                        "fn(prompts, completions, **columns) -> list[float | None]; None falls back to the task verifier.")
 
@@ -74,6 +80,12 @@ class ModelConfig:
     hidden_size: int = knob(128, "Tiny model only: width. 128 with 4 layers is ~0.86M parameters (DESIGN §5).")
     num_layers: int = knob(4, "Tiny model only: transformer blocks.")
     num_heads: int = knob(4, "Tiny model only: attention heads.")
+    pretrain_steps: int = knob(0, "Tiny model only: SFT steps `prepare` runs on the task's pretraining mix "
+                               "(task.pretrain_size), so fine-tuning starts from a model that has the skill "
+                               "the OOD split tests, as a pretrained LLM does; 0 = stay random.")
+    pretrain_batch_size: int = knob(64, "Tiny model only: demonstrations per pretraining step.")
+    pretrain_lr: float = knob(1e-3, "Tiny model only: peak AdamW rate of pretraining (cosine decay to 10%); "
+                              "the rate a from-scratch tiny model needs.")
     dtype: str = knob("float32", "Weights/compute dtype: float32 | bfloat16 | float16 (bf16 on GPUs).")
     device: str = knob("auto", "auto (cuda if present, else cpu) | cpu | cuda | cuda:N.")
     lora_rank: int = knob(0, "LoRA rank via peft; 0 trains all weights.")
@@ -224,7 +236,8 @@ class Config:
     description: str = knob("", "One line shown by `amft presets`.")
     preset: str = knob("", "Preset the config came from; loading a TOML file without this key fills in the "
                        "file's stem. A run's config.toml keeps it, for `--json` reports.")
-    seed: int = knob(0, "Seed of model init, data order and sampling.")
+    seed: int = knob(0, "Seed of fine-tuning: data order, sampling, LoRA init. The tiny base model that `prepare` "
+                     "builds always uses data.BASE_MODEL_SEED, so every seed fine-tunes the same base.")
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -286,6 +299,13 @@ def validate(cfg: Config) -> Config:
         (cfg.model.init in ("pretrained", "tiny"), "model.init", "pretrained or tiny"),
         (cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32, bfloat16 or float16"),
         (cfg.eval.k >= 1, "eval.k", "an integer >= 1"),
+        (cfg.task.pretrain_size >= 0, "task.pretrain_size", "an integer >= 0"),
+        (cfg.task.verify_iter >= 1, "task.verify_iter", "an integer >= 1 (attempts per problem)"),
+        (cfg.model.pretrain_steps >= 0, "model.pretrain_steps", "an integer >= 0"),
+        (cfg.model.pretrain_steps == 0 or cfg.task.pretrain_size > 0, "task.pretrain_size",
+         "> 0 when model.pretrain_steps > 0 (the pretraining mix to train on)"),
+        (cfg.model.pretrain_batch_size >= 1, "model.pretrain_batch_size", "an integer >= 1"),
+        (cfg.model.pretrain_lr > 0, "model.pretrain_lr", "a positive float"),
     ]
     t = cfg.train
     checks += [(cfg.seed in SEEDS, "seed", f"an integer in 0..{SEEDS[-1]}"),

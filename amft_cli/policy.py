@@ -83,11 +83,13 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int, de
             keep.to(device))
 
 
-def group_runs(group: list[int]) -> list[int]:
-    """Sizes of the runs of equal group ids, in order: [7, 7, 3, 3, 3] -> [2, 3]."""
+def group_runs(group: list[int], prompts: list[list[int]] | None = None) -> list[int]:
+    """Sizes of the runs of equal group ids, in order: [7, 7, 3, 3, 3] -> [2, 3]. With prompts,
+    a run also ends where the prompt changes (sequential revision: a group's later attempts
+    continue different conversations)."""
     runs: list[int] = []
     for i, g in enumerate(group):
-        if i and g == group[i - 1]:
+        if i and g == group[i - 1] and (prompts is None or prompts[i] == prompts[i - 1]):
             runs[-1] += 1
         else:
             runs.append(1)
@@ -134,13 +136,13 @@ def sequence_logprobs(policy: Policy, prompts: list[list[int]], completions: lis
                       grad: bool = True, model: torch.nn.Module | None = None,
                       group: list[int] | None = None, entropy_grad: bool = False):
     """Token log-probs, entropies and the completion mask, all (B, T) and aligned.
-    group: a group id per row (rows of a group share one prompt and are contiguous, as in
-    Rollouts.group); each group's prompt then runs once. None: every row is packed whole.
+    group: a group id per row (a group's rows are contiguous, as in Rollouts.group); each run of
+    rows sharing a group and a prompt then runs the prompt once. None: every row is packed whole.
     entropy_grad: keep the entropies in the graph (for an entropy bonus); else detached."""
     model = model or policy.model
     with torch.set_grad_enabled(grad), policy.compute():
         if group is not None:
-            sizes = group_runs(group)
+            sizes = group_runs(group, prompts)
             starts = [sum(sizes[:k]) for k in range(len(sizes))]
             logits, targets, mask = shared_prompt_logits(model, [prompts[s] for s in starts], completions, sizes,
                                                          policy.tokenizer.pad_token_id, policy.device)

@@ -34,6 +34,8 @@ try:
 except ImportError:  # transformers < 4.56: no per-layer cache objects, the cache grows by torch.cat
     DynamicLayer = None
 
+from amft_cli.tasks.revision import Conversation
+
 
 @dataclass
 class Rollouts:
@@ -316,15 +318,17 @@ def make_backend(cfg: Config, model, tokenizer) -> RolloutBackend:
                        sleep=cfg.rl.vllm_sleep)
 
 
-def sample_texts(model, tokenizer, prompts: list[str], n: int, *, greedy: bool, temperature: float,
+def sample_texts(model, tokenizer, prompts: list, n: int, *, greedy: bool, temperature: float,
                  top_p: float, max_new_tokens: int, batch_size: int, chat_template: bool,
                  seed: int) -> list[list[str]]:
-    """Completion texts, n per prompt (for eval). Seeded, so eval is reproducible."""
-    from amft_cli.model import encode_prompt
+    """Completion texts, n per prompt (for eval). A prompt is a task prompt or a revision
+    Conversation (tasks/revision.py). Seeded, so eval is reproducible."""
+    from amft_cli.model import encode_prompt, encode_transcript
 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    ids = [encode_prompt(tokenizer, p, chat_template) for p in prompts]
+    ids = [encode_transcript(tokenizer, p, chat_template) if isinstance(p, Conversation) else
+           encode_prompt(tokenizer, p, chat_template) for p in prompts]
     out = generate(model, tokenizer, ids, n, max_new_tokens=max_new_tokens, greedy=greedy,
                    temperature=temperature, top_p=top_p, batch_size=batch_size, generator=generator)
     return [out.texts[i * n:(i + 1) * n] for i in range(len(prompts))]

@@ -1,6 +1,7 @@
 """The RL signal as a gradient at the current θ, and what a step reads to make it.
 
     prompts ─► rollout ─► [method shapes the groups] ─► verifier rewards ─► advantages ─► ∇L_RL
+               (multi-turn with task.verify_iter > 1: revise.py)
     demonstrations ─► [method's SFT loss] ─► ∇L_SFT          (policy.sft_grads)
 
 A method (amft_cli/methods/) changes the data flow only through its hooks; this
@@ -21,6 +22,7 @@ import torch
 
 from amft_cli.config import Config
 from amft_cli.policy import Policy, grads_in_chunks
+from amft_cli.revise import revision_rollouts
 from amft_cli.rewards import RewardFn, score_completions
 from amft_cli import algo
 from amft_cli.rollout import RolloutBackend, Rollouts, row_uniforms
@@ -202,17 +204,25 @@ def rl_signal(run: Run, examples: list[dict], method, timer: PhaseTimer) -> tupl
     """Rollouts → (method shapes the groups) → verifier rewards → advantages → ∇ of the method's
     RL loss. Returns (g_RL, loss, stats) of the whole batch.
     examples: the batch's prompts, the same list on every process; each process samples, scores
-    and differentiates its contiguous share (whole groups), normalised by whole-batch counts."""
+    and differentiates its contiguous share (whole groups), normalised by whole-batch counts.
+    With sequential revision (task.verify_iter > 1, one process: train.check_processes) every
+    attempt of an episode is a row of its problem's group (revise.py)."""
     policy, cfg, n = run.policy, run.cfg, method.samples_per_prompt()
-    first_row = run.cursors.rollouts + policy.dist.share(len(examples)).start * n  # this share's row numbers
-    run.cursors.rollouts += len(examples) * n  # all processes' samples, before shaping adds off-policy rows
-    examples = policy.dist.shard(examples)
+    revision: dict = {}
     with timer("rollout"), policy.compute():
-        rollouts = run.backend.generate([policy.prompt_ids(ex) for ex in examples], n,
-                                        max_new_tokens=cfg.rl.max_new_tokens, temperature=cfg.rl.temperature,
-                                        top_p=cfg.rl.top_p,
-                                        uniforms=row_uniforms(cfg.seed, first_row, len(examples) * n,
-                                                              cfg.rl.max_new_tokens))
+        if cfg.task.verify_iter > 1:
+            rollouts, revision = revision_rollouts(policy, run.backend, cfg, run.task, examples, n,
+                                                   run.cursors.rollouts)
+            run.cursors.rollouts += len(rollouts.completion_ids)  # every attempt, rows numbered in order
+        else:
+            first_row = run.cursors.rollouts + policy.dist.share(len(examples)).start * n  # this share's rows
+            run.cursors.rollouts += len(examples) * n  # all processes' samples, before shaping adds off-policy rows
+            examples = policy.dist.shard(examples)
+            rollouts = run.backend.generate([policy.prompt_ids(ex) for ex in examples], n,
+                                            max_new_tokens=cfg.rl.max_new_tokens, temperature=cfg.rl.temperature,
+                                            top_p=cfg.rl.top_p,
+                                            uniforms=row_uniforms(cfg.seed, first_row, len(examples) * n,
+                                                                  cfg.rl.max_new_tokens))
         rollouts = method.shape_rollouts(run, rollouts, examples)
     with timer("reward"):
         grouped = [examples[g] for g in rollouts.group]
@@ -234,5 +244,5 @@ def rl_signal(run: Run, examples: list[dict], method, timer: PhaseTimer) -> tupl
                                                    cfg.train.micro_batch_size, rollouts.group, method.entropy_grad)
     stats = {**rollout_stats(run, batch, timer.seconds.get("rollout", 0.0)), **gap.stats(policy.dist),
              "policy/entropy": chunk_stats.pop("entropy"),
-             **{f"rl/{k}": v for k, v in chunk_stats.items()}}
+             **{f"rl/{k}": v for k, v in chunk_stats.items()}, **revision}
     return grads, loss, stats

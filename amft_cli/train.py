@@ -182,7 +182,11 @@ def setup(cfg: Config, checkpoint: Path | None = None,
 
 def check_processes(cfg: Config, dist: parallel.Processes, saved: dict | None, checkpoint: Path | None) -> None:
     """One-line errors before any work: every process needs a share of each batch, and a run
-    resumes with as many processes as wrote its checkpoint."""
+    resumes with as many processes as wrote its checkpoint; sequential revision runs in one."""
+    if cfg.task.verify_iter > 1 and dist.count > 1:
+        raise ConfigError(f"task.verify_iter = {cfg.task.verify_iter}: sequential revision trains in one process "
+                          f"(its episodes differ in length, so they are not shared out); start one process or set "
+                          "task.verify_iter = 1")
     for key, value in methods.get(cfg.train.algo).shared_batches(cfg).items():
         if value < dist.count:
             raise ConfigError(f"{key} = {value}: fewer than the {dist.count} training processes, and each "
@@ -230,7 +234,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_metrics: Callable[[int, 
         on_message(f"resumed from {checkpoint} (step {run.cursors.step})")
     elif cfg.train.eval_at_end and dist.is_main:
         summary["before"] = quick_eval(policy, cfg, run.task)
-        on_message(f"untrained: {summary['before']['label']} {summary['before']['value']:.1%} on unseen ID test problems")
+        on_message(f"before training: {summary['before']['label']} {summary['before']['value']:.1%} on unseen ID test problems")
 
     def save() -> Path | None:
         if not dist.is_main:  # every process holds the same weights and state
@@ -323,7 +327,7 @@ def quick_eval(policy: Policy, cfg: Config, task) -> dict:
     policy.model.eval()
     generate_fn = generate_fn_for(policy.model, policy.tokenizer, cfg, eval_settings(
         cfg, None, temperature=None, top_p=None, max_new_tokens=None, limit=None, batch_size=None))
-    metrics, _ = evaluate_split(task, examples, generate_fn, k=0)
+    metrics, _ = evaluate_split(task, examples, generate_fn, k=0, verify_iter=cfg.task.verify_iter)
     policy.model.train()
     label = "route success" if "route_success" in metrics else "greedy accuracy"
     return {"label": label, "value": metrics["greedy_accuracy"], "n": len(examples),

@@ -122,7 +122,7 @@ def test_evaluate_split_greedy_only_skips_sampling():
 def test_evaluate_split_uses_episodes_for_the_greedy_part():
     seen = []
 
-    def evaluate_episodes(examples, generate):
+    def evaluate_episodes(examples, generate, verify_iter=1):
         seen.append(generate(["p1", "p2"]))
         return {"step_accuracy": 0.5, "route_success": 0.25}, [{"id": "r1", "step": 0, "reward": 1.0,
                                                                   "status": "correct"}]

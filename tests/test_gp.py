@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from itertools import combinations_with_replacement
+from itertools import combinations_with_replacement, product
 
 import pytest
 
@@ -80,10 +80,13 @@ def test_compact_correct_wrong_illegal():
     assert_score(ex, " 8 / 8 = 1 , 7-1=6,6*4=24\n", "correct", 5.0)
     assert_score(ex, "8+8=16,16+7=23,23+4=27", "wrong", -1.0)       # true steps, not 24
     assert_score(ex, "8+8=16,16+7=23,23+4=24", "wrong", -1.0)       # false claim 23+4=24
-    assert_score(ex, "8*3=24,24*7=168,168-8=160", "illegal", -2.0)  # 3 is no card
-    assert_score(ex, "8*8=64,64-8=56,56-4=52", "illegal", -2.0)     # third 8 reused
+    # the reference's penalties add up: -2 for a number that is no card (or used too often),
+    # another -2 for a card left unused
+    assert_score(ex, "8*3=24,24*7=168,168-8=160", "illegal", -4.0)  # 3 is no card, 4 unused
+    assert_score(ex, "8*8=64,64-8=56,56-4=52", "illegal", -4.0)     # third 8 reused, 7 unused
     assert_score(ex, "7-4=3,8*3=24", "illegal", -2.0)               # one 8 unused
     assert_score(ex, "7-4=3,8*3=24,24*8=192,192/8=24", "illegal", -2.0)  # one step too many
+    assert gp.score(ex, "8*8=64,64-8=56,56-4=52").info["errors"] == ["8 not available", "you did not use 7"]
 
 
 def test_compact_division_by_zero_is_wrong():
@@ -121,10 +124,31 @@ def test_full_wrong_and_illegal():
     ex = full()
     assert_score(ex, as_json("8+8+7+4"), "wrong", -1.0)
     assert_score(ex, as_json("(7-8/8)*4=25"), "wrong", -1.0)
-    assert_score(ex, as_json("8*3*1*1"), "illegal", -2.0)      # wrong numbers
-    assert_score(ex, as_json("(8-8/8)*4"), "illegal", -2.0)    # 8 reused, 7 unused
+    assert_score(ex, as_json("8*3*1*1"), "illegal", -4.0)      # 3, 1 no cards; 4, 7, 8 unused
+    assert_score(ex, as_json("(8-8/8)*4"), "illegal", -4.0)    # 8 reused, 7 unused
     assert_score(ex, as_json("8*(7-4)"), "illegal", -2.0)      # one 8 unused
-    assert_score(ex, as_json("24"), "illegal", -2.0)
+    assert_score(ex, as_json("8*(7-4)+8-4-4"), "illegal", -2.0)  # 4 reused, nothing unused
+    assert_score(ex, as_json("24"), "illegal", -4.0)
+    assert gp.score(ex, as_json("(8-8/8)*4")).info["errors"] == ["you used 8 more often than dealt",
+                                                                "you did not use 7"]
+
+
+def test_full_partial_solution():
+    """+1 for a formula that uses every card and is a proper prefix of a solution: it stops
+    before its closing parentheses, and closing them makes 24 (reference: PARTIAL_SOLUTION)."""
+    ex = full()
+    assert_score(ex, as_json("(7-8/8)*(4"), "partial", 1.0)
+    assert_score(ex, as_json("((7-8/8)*4"), "partial", 1.0)
+    assert_score(ex, as_json("(7-8/8"), "malformed", -3.0)       # 4 missing: more than parentheses
+    assert_score(ex, as_json("(7+8/8)*(4"), "malformed", -3.0)   # closes to 32, not 24
+    assert_score(ex, as_json("(8-8/8)*(4"), "malformed", -3.0)   # wrong numbers: no prefix of a solution
+
+
+def test_float_eval_bug_is_not_copied():
+    """The reference evaluates in floats, where 8/(3-8/3) is 23.99999999999999: hand 3,3,8,8 could
+    never be solved there. Exact fractions here."""
+    assert 8 / (3 - 8 / 3) != 24
+    assert_score(full([3, 3, 8, 8]), json.dumps({"formula": "8/(3-8/3)"}), "correct", 5.0)
 
 
 def test_full_division_by_zero_is_wrong():
@@ -132,7 +156,7 @@ def test_full_division_by_zero_is_wrong():
     assert (s.status, s.reward) == ("wrong", -1.0)
     assert "division by zero" in s.info["error"]
     # wrong numbers are judged before the division
-    assert_score(full(ZERO_HAND), as_json("8/(4-4)+8+1"), "illegal", -2.0)
+    assert_score(full(ZERO_HAND), as_json("8/(4-4)+8+1"), "illegal", -2.0)  # 1 is no card
 
 
 @pytest.mark.parametrize("text", ["not JSON", "", "garbage }", '{"formula": 24}', '{"cards": [4]}',
@@ -186,8 +210,9 @@ def test_compact_prompts_and_responses_are_short():
     examples = [ex for split in splits.values() for ex in split]
     assert max(len(ex["prompt"]) for ex in examples) <= 32
     assert max(len(ex["demonstration"]) for ex in examples) <= 38
-    assert compact([1, 3, 5, 11])["prompt"] == "A,3,5,J;JQK=10:"
+    assert compact([1, 3, 5, 11])["prompt"] == "A,3,5,J;JQK=10,10,10:"
     assert compact([1, 3, 5, 11], "ood")["prompt"] == "A,3,5,J;JQK=11,12,13:"
+    assert gp.make_example([1, 3, 5, 11], "mix", "t", "compact", (13, 10, 12))["prompt"] == "A,3,5,J;JQK=13,10,12:"
 
 
 def test_demonstrations_follow_the_canonical_solution():
@@ -204,7 +229,8 @@ def test_random_text_never_crashes_the_verifier():
             body = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
             text = as_json(body) if fmt == "full" and rng.random() < 0.5 else body
             s = gp.score(example, text)
-            assert s.reward == gp.REWARDS[s.status]
+            expected = -2.0 * len(s.info.get("errors", ())) if s.status == "illegal" else gp.REWARDS[s.status]
+            assert s.reward == expected and expected != 0
 
 
 def test_rules_map_face_cards():
@@ -245,3 +271,44 @@ def test_ood_hands_hold_a_face_card_valued_11_to_13():
         faces = {c: v for c, v in zip(ex["meta"]["cards"], ex["meta"]["values"]) if c in "JQK"}
         assert faces, ex["meta"]
         assert all(v == {"J": 11, "Q": 12, "K": 13}[c] for c, v in faces.items())
+
+
+def test_deal_follows_the_reference_distribution():
+    """OOD: 3 uniform ranks + 1 forced J/Q/K, redealt until solvable under 11/12/13
+    (GeneralPointEnv_oneline._generate_cards): 1.62 face cards per hand, >= 2 in 50.4%."""
+    rng = random.Random(0)
+    hands = [gp.deal(rng, True, gp.FACE_VALUES["ood"]) for _ in range(10_000)]
+    faces = [sum(r >= 11 for r in h) for h in hands]
+    assert abs(sum(faces) / len(faces) - 1.62) <= 0.02
+    assert abs(sum(f >= 2 for f in faces) / len(faces) - 0.504) <= 0.02
+    assert all(gp.solve(list(h)) is not None for h in hands[:200])  # ranks are the OOD values
+    # ID: 4 uniform ranks redealt until solvable with J/Q/K = 10; exact mean by enumerating all 13^4 deals
+    solvable = [d for d in product(range(1, 14), repeat=4) if gp.solvable([min(r, 10) for r in d])]
+    exact = sum(sum(r >= 11 for r in d) for d in solvable) / len(solvable)
+    rng = random.Random(0)
+    id_faces = [sum(r >= 11 for r in gp.deal(rng, False, gp.FACE_VALUES["id"])) for _ in range(10_000)]
+    assert abs(sum(id_faces) / len(id_faces) - exact) <= 0.02 and 0.7 < exact < 0.8
+
+
+def test_ood_split_is_dealt_like_the_reference():
+    ood = gp.build_splits(small_cfg(ood_size=2000))["ood"]
+    faces = [sum(c in "JQK" for c in ex["meta"]["cards"]) for ex in ood]
+    assert abs(sum(faces) / len(faces) - 1.62) <= 0.05
+
+
+def test_pretrain_mix_states_the_face_values_it_uses():
+    splits = gp.build_splits(small_cfg(pretrain_size=3000, val_size=100, test_size=250))
+    assert "pretrain" not in gp.build_splits(small_cfg())  # only when asked for
+    mix = splits["pretrain"]
+    held_out = {tuple(sorted(ex["meta"]["values"])) for split in ("val", "test") for ex in splits[split]}
+    seen_faces = set()
+    for ex in mix:
+        faces = tuple(ex["meta"]["faces"])
+        seen_faces.add(faces)
+        assert ex["prompt"].endswith(f";JQK={faces[0]},{faces[1]},{faces[2]}:")
+        for card, value in zip(ex["meta"]["cards"], ex["meta"]["values"]):
+            assert value == (faces["JQK".index(card)] if card in "JQK" else gp.FACES.index(card) + 1)
+        assert tuple(sorted(ex["meta"]["values"])) not in held_out  # val/test numbers stay unseen
+        assert gp.score(ex, ex["demonstration"]).status == "correct"
+    assert (11, 12, 13) not in seen_faces and len(seen_faces) == 63  # every other rule, not the OOD one
+    assert 0.9 <= sum(sum(c in "JQK" for c in ex["meta"]["cards"]) for ex in mix) / len(mix) <= 1.5

@@ -13,9 +13,9 @@ from amft_cli.tasks import virl
 from amft_cli.tasks.virl import COMPASS, FORWARD, STOP, turn_action
 
 
-def _cfg(fmt="compact", seed=7, train=300, val=40, test=60, ood=60):
+def _cfg(fmt="compact", seed=7, train=300, val=40, test=60, ood=60, pretrain=0):
     return TaskConfig(name="virl", format=fmt, seed=seed, train_size=train,
-                      val_size=val, test_size=test, ood_size=ood)
+                      val_size=val, test_size=test, ood_size=ood, pretrain_size=pretrain)
 
 
 @pytest.fixture(scope="module")
@@ -180,12 +180,12 @@ def test_prompts_show_the_observation_at_the_walked_position(compact, full):
         state = re.search(r"P:(\d) D:(\w+) O:(\S+)", c["prompt"]).groups()
         assert state[1] == virl.COMPASS_CODE[heading]
         assert state[2] == (",".join(virl.LANDMARKS[n] for n, _ in seen) or "-")
-        # P names the instruction in progress, read back against the gold action (ID codes are absolute)
+        # P names the instruction in progress, read back against the gold action (ID answers are absolute)
         instr = dict(tok.split(":", 1) if ":" in tok else (tok, "") for tok in
                      (re.sub(r"^(\d+)([A-Z])", r"\1:\2", tok) for tok in c["prompt"].split("\n")[0].split()))
         p, gold = int(state[0]), c["demonstration"]
-        if gold.startswith("T:"):  # the next instruction is this very turn
-            assert instr[str(p if t == 0 else p + 1)] == gold
+        if gold.startswith("T:"):  # the next instruction is this very turn: T:<relative>><heading>
+            assert re.sub(r"T:\w+>", "T:", instr[str(p if t == 0 else p + 1)]) == gold
         elif gold == "F":  # still walking the leg P describes
             assert p >= 2 and instr[str(p)].startswith("F:")
         else:  # stop: P is the last leg, followed by the stop instruction
@@ -202,12 +202,13 @@ def test_compact_prompts_stay_within_budget(compact):
     route = _worst_route()
     assert len(route["actions"]) == 17
     prompt = virl.step_prompt(route, route["actions"][:16], "compact")
-    assert len(prompt) <= 200 and prompt.count("T:") == 8
+    assert len(prompt) <= 200 and prompt.count("T:") == 8 and "1T:SR>NE" in prompt
 
 
 def test_full_prompt_lists_the_numbered_instructions():
     lines = virl.instructions(_worst_route())
-    assert lines[0] == "1. First, turn to face northeast."
+    assert lines[0] == "1. First, turn slightly right to face northeast."  # from north: 45 degrees
+    assert lines[2] == "3. Turn left to face northwest."
     assert lines[1] == "2. Move forward until you reach the next intersection where Museum of Art is on your left."
     assert lines[-1] == "9. Stop: Public Library is your destination."
 
@@ -222,6 +223,7 @@ def test_determinism_by_seed(compact):
 def test_splits_are_disjoint_whole_routes_of_the_right_rule(compact):
     cfg = _cfg("compact")
     signatures, ids = {}, {}
+    assert "pretrain" not in compact  # only when task.pretrain_size > 0
     for split, examples in compact.items():
         assert cfg.__dict__[f"{split}_size"] <= len(examples) < cfg.__dict__[f"{split}_size"] + 17
         by_route = {}
@@ -232,11 +234,76 @@ def test_splits_are_disjoint_whole_routes_of_the_right_rule(compact):
         ids[split] = set(by_route)
         signatures[split] = {virl._signature(ex["meta"]["route"]) for ex in examples}
         assert len(signatures[split]) == len(by_route)
-    for a in virl.SPLITS:
-        for b in virl.SPLITS:
+    for a in compact:
+        for b in compact:
             if a < b:
                 assert not ids[a] & ids[b] and not signatures[a] & signatures[b]
     assert "A:rel" in compact["ood"][0]["prompt"] and "A:abs" in compact["test"][0]["prompt"]
+
+
+def test_instructions_name_the_turn_and_the_heading_in_id_and_ood():
+    """Reference (_parse_instruction_and_rail): "First, turn slightly left to face northeast." in both
+    rules; only the action space differs, so an OOD turn is read off the instruction too."""
+    route = {"rule": "ood", "start": [0, 0], "heading": "north",
+             "legs": [{"direction": "northwest", "landmark": "Bakery", "side": "left", "blocks": 1},
+                      {"direction": "northeast", "landmark": "Pharmacy", "side": "right", "blocks": 1}],
+             "landmarks": [[-1, 1, "Bakery", "southwest"], [0, 2, "Pharmacy", "southeast"]],
+             "actions": [turn_action("slightly left"), FORWARD, turn_action("right"), FORWARD, STOP]}
+    assert virl.instructions(route)[:3] == [
+        "1. First, turn slightly left to face northwest.",
+        "2. Move forward until you reach the next intersection where Bakery is on your left.",
+        "3. Turn right to face northeast."]
+    # north -> northwest is slightly left (geometry); the reference's unwrapped 315 - 0 calls it "right"
+    assert virl.leg_turns(route) == ["slightly left", "right"]
+    ood = virl.step_prompt(route, [], "compact")
+    absolute = virl.step_prompt({**route, "rule": "id"}, [], "compact")
+    assert ood.startswith("1T:SL>NW 2F:BK 3T:R>NE 4F:PH 5S\nA:rel H:\nP:1 D:N")
+    assert absolute.replace("A:abs", "A:rel") == ood  # same instructions, other action space
+    full = virl.step_prompt(route, route["actions"][:2], "full")
+    assert "3. Turn right to face northeast." in full and "left, right (90 degrees)" in full
+    assert virl.score({"answer": turn_action("right"), "meta": {"format": "full", "rule": "ood"}},
+                      "turn_direction(right)").correct
+
+
+def test_relative_labels_depart_from_the_reference_on_six_wrapped_turns():
+    """The reference labels a turn by next - prev compass degrees, unwrapped: < -45 left, > 45 right,
+    [-45, 0] slightly left, [0, 45] slightly right. Ours wrap the angle; they differ on 6 of 32."""
+    def reference_label(prev: int, new: int) -> str:
+        delta = 45 * new - 45 * prev
+        return "left" if delta < -45 else "right" if delta > 45 else "slightly left" if delta <= 0 else "slightly right"
+
+    turns = [(old, (old + d) % 8) for old in range(8) for d in (-2, -1, 1, 2)]
+    differ = [(COMPASS[a], COMPASS[b]) for a, b in turns if reference_label(a, b) != virl.to_relative(a, b)]
+    assert len(turns) == 32 and len(differ) == 6
+    assert ("north", "northwest") in differ and virl.to_relative(0, 7) == "slightly left"
+
+
+@pytest.mark.parametrize("rule", ["id", "ood"])
+def test_every_gold_turn_is_written_in_its_instruction(rule):
+    """Answerability: at each turn step, the instruction in progress names the gold answer."""
+    for route in _routes(rule, seed=2):
+        turns, leg = virl.leg_turns(route), 0
+        for t, action in enumerate(route["actions"]):
+            if not action.startswith("turn_direction("):
+                continue
+            line = virl.instructions(route)[2 * leg]
+            assert f"turn {turns[leg]} to face {route['legs'][leg]['direction']}." in line.lower()
+            code = virl.to_code(action)
+            instruction = virl.step_prompt(route, route["actions"][:t], "compact").split()[2 * leg]
+            assert instruction.startswith(f"{2 * leg + 1}T:")
+            assert code[2:] in instruction[len(f"{2 * leg + 1}T:"):].split(">")
+            leg += 1
+
+
+def test_pretrain_mix_holds_both_action_spaces():
+    splits = virl.build_splits(_cfg("compact", pretrain=400))
+    mix = splits["pretrain"]
+    assert len(mix) >= 400 and {ex["meta"]["rule"] for ex in mix} == {"id", "ood"}
+    held = {virl._signature(ex["meta"]["route"]) for split in ("train", "val", "test", "ood")
+            for ex in splits[split]}
+    assert not held & {virl._signature(ex["meta"]["route"]) for ex in mix}
+    assert all(virl.score(ex, ex["demonstration"]).correct for ex in mix)
+    assert splits["test"] == virl.build_splits(_cfg("compact"))["test"]  # the mix shifts no other split
 
 
 def test_bad_format_is_a_one_line_error():

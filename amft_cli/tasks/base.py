@@ -17,8 +17,12 @@ the prompt. A task module provides:
 
 and optionally, when a task needs multi-step eval (V-IRL routes):
 
-    evaluate_episodes(examples, generate) -> (metrics: dict, samples: list[dict])
-        generate(prompts: list[str]) -> list[str]   a model behind a plain callable
+    evaluate_episodes(examples, generate, verify_iter) -> (metrics: dict, samples: list[dict])
+        generate(prompts: list[str | messages]) -> list[str]   a model behind a plain callable
+        verify_iter: attempts per step (sequential revision, tasks/revision.py)
+
+A failed Score says why in info["error"]: with sequential revision that
+message goes back to the model ("You failed this trial because ...").
 
 Tasks know nothing about models, tokenizers or torch.
 """

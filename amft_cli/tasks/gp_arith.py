@@ -11,10 +11,13 @@ rewards (those are in tasks/gp.py):
 - `steps_to_formula`: those steps as one formula with minimal parentheses.
 - `check_steps` / `check_formula`: judge a step list or a formula against
   the numbers and the target, returning (status, info) with status
-  "correct", "wrong" or "illegal"; unreadable text raises `Malformed`.
-  Formulas go through a recursive-descent parser (integers, + - * /,
-  parentheses), never eval. The MAX_* caps bound the time whatever the
-  model writes.
+  "correct", "partial" (formulas only), "wrong" or "illegal"; unreadable
+  text raises `Malformed`. An "illegal" verdict lists its number errors in
+  info["errors"]: at most one for numbers that are no card or used too often,
+  plus one for cards left unused (the reward adds a penalty per error, as the
+  reference does). Formulas go through a recursive-descent parser (integers,
+  + - * /, parentheses), never eval. The MAX_* caps bound the time whatever
+  the model writes.
 """
 
 from __future__ import annotations
@@ -218,25 +221,36 @@ def _apply(a: Fraction, op: str, b: Fraction) -> Fraction:
     return a / b  # ZeroDivisionError is the caller's
 
 
+def _unused_error(unused: list[Fraction]) -> str:
+    return f"you did not use {', '.join(_num(x) for x in sorted(unused))}"
+
+
 def check_steps(values: list[int], target: int, text: str) -> tuple[str, dict]:
     """(status, info) for comma-separated steps "7+4=11,11-8=3,8*3=24" (no spaces).
 
     Each step must combine two available numbers (unused values, earlier
     claimed results); availability is checked before arithmetic, so one false
-    claim is "wrong", not also "illegal". Raises Malformed on unreadable text.
+    claim is "wrong", not also "illegal". An operand that is not available
+    consumes nothing, so the card it stands in for shows up as unused: like a
+    formula with a wrong number and a missing card, that is two errors.
+    Raises Malformed on unreadable text.
     """
     if not text or len(text) > MAX_STEPS_CHARS:
         raise Malformed("empty" if not text else "too long")
     steps = [_parse_step(s) for s in text.split(",")]
-    available = [Fraction(v) for v in values]
+    available, missing = [Fraction(v) for v in values], []
     for a, _, b, claimed in steps:
         for x in (a, b):
-            if x not in available:
-                return "illegal", {"error": f"{_num(x)} is not available"}
-            available.remove(x)
+            if x in available:
+                available.remove(x)
+            else:
+                missing.append(x)
         available.append(claimed)
+    errors = [f"{', '.join(_num(x) for x in missing)} not available"] if missing else []
     if len(available) != 1:
-        return "illegal", {"error": f"unused numbers: {[_num(x) for x in available]}"}
+        errors.append(_unused_error(available[:-1]))  # the last one is the answer
+    if errors:
+        return "illegal", {"error": "; ".join(errors), "errors": errors}
     for a, op, b, claimed in steps:
         try:
             if _apply(a, op, b) != claimed:
@@ -336,25 +350,61 @@ def _evaluate(tree) -> Fraction:
     return _apply(_evaluate(tree[1]), tree[0], _evaluate(tree[2]))
 
 
+def number_errors(used: list[int], values: list[int]) -> list[str]:
+    """The number errors of a formula using `used` for cards `values` (as the reference counts
+    them): one for numbers that are no card or appear too often, one for cards left unused."""
+    used_count, card_count = Counter(used), Counter(values)
+    errors = []
+    invalid = sorted(n for n in used_count if n not in card_count)
+    overused = sorted(n for n in used_count if n in card_count and used_count[n] > card_count[n])
+    if invalid:
+        errors.append(f"{', '.join(map(str, invalid))} {'is' if len(invalid) == 1 else 'are'} not on the cards")
+    elif overused:
+        errors.append(f"you used {', '.join(map(str, overused))} more often than dealt")
+    unused = card_count - used_count
+    if unused:
+        errors.append(_unused_error([Fraction(n) for n in unused.elements()]))
+    return errors
+
+
+def _partial(tokens: list, values: list[int], target: int) -> bool:
+    """Every card used, only closing parentheses missing, and closing them makes `target`:
+    the one way a formula can be a proper prefix of a solution (the reference's "partial")."""
+    unclosed = tokens.count("(") - tokens.count(")")
+    if unclosed <= 0 or number_errors([t for t in tokens if isinstance(t, int)], values):
+        return False
+    try:
+        return _evaluate(_Parser(tokens + [")"] * unclosed).parse()) == target
+    except (Malformed, ZeroDivisionError):
+        return False
+
+
 def check_formula(values: list[int], target: int, formula: str) -> tuple[str, dict]:
     """(status, info) for a formula such as "(7-8/8)*4", optionally "...=24".
 
     Numbers are checked before the value, so wrong numbers are "illegal" even
     if the formula also divides by zero; division by zero with the right
-    numbers is "wrong" (no value, so not the target). Raises Malformed on
-    unreadable text.
+    numbers is "wrong" (no value, so not the target). A formula that stops
+    before its closing parentheses is "partial" when closing them solves the
+    hand. Raises Malformed on unreadable text.
     """
     lhs, eq, rhs = formula.partition("=")  # "…=24" is allowed, as the paper's prompt invites
-    tree = _Parser(_tokenize(lhs)).parse()
+    tokens = _tokenize(lhs)
+    try:
+        tree = _Parser(tokens).parse()
+    except Malformed:
+        if not eq and _partial(tokens, values, target):
+            return "partial", {"error": "the formula is unfinished: close its parentheses"}
+        raise
     claimed = None
     if eq:
         rhs_tokens = _tokenize(rhs)
         if len(rhs_tokens) != 1 or not isinstance(rhs_tokens[0], int):
             raise Malformed("right of '=' is not one integer")
         claimed = rhs_tokens[0]
-    used = _leaves(tree)
-    if Counter(used) != Counter(values):
-        return "illegal", {"error": f"numbers {sorted(used)}, cards {sorted(values)}"}
+    errors = number_errors(_leaves(tree), values)
+    if errors:
+        return "illegal", {"error": "; ".join(errors), "errors": errors}
     try:
         value = _evaluate(tree)
     except ZeroDivisionError:

@@ -2,25 +2,40 @@
 
 A route is walked on an unbounded 8-connected city grid: every lattice point is
 an intersection, streets and diagonal avenues join neighbours, and some
-intersections hold a named landmark. A route has 2-4 legs; each leg is "turn to
-face <compass point>" then "move forward until the next intersection where
-<landmark> is", and the route ends with stop. Every turn changes the heading by
-45 or 90 degrees, so the ID (absolute: north ... northwest) and OOD (relative:
-left, right, slightly left, slightly right) action spaces describe the same
-turns. Examples are one per route STEP, with the gold history (teacher forcing);
-`meta["route"]` keeps the whole route so `evaluate_episodes` can rebuild prompts
-from the model's own history.
+intersections hold a named landmark. A route has 2-4 legs; each leg is "turn
+<relative turn> to face <compass point>" then "move forward until the next
+intersection where <landmark> is", and the route ends with stop. Every turn
+changes the heading by 45 or 90 degrees. As in the reference
+(LeslieTrue/SFTvsRL, gym/gym_virl/envs/navigation_environment.py,
+`NavigationEnvironment._parse_instruction_and_rail`), the instruction names
+BOTH the relative turn and the new heading ("First, turn slightly left to face
+northeast."), in ID and OOD alike; the rules differ only in the ACTION SPACE:
+ID turns are absolute (turn_direction(north) ... northwest), OOD turns are
+relative (left, right, slightly left, slightly right), so either answer can be
+read off the instruction. Examples are one per route STEP, with the gold
+history (teacher forcing); `meta["route"]` keeps the whole route so
+`evaluate_episodes` can rebuild prompts from the model's own history.
 
-Departures from the paper:
+The pretraining mix (split "pretrain", only when task.pretrain_size > 0) holds
+routes of both action spaces, so a tiny from-scratch model can be given the
+skill the OOD split tests before fine-tuning on the ID space alone.
+
+Departures from the paper and the reference:
 1. A generated grid world instead of Google Street View; observations are text.
 2. Compact format for the tiny CPU model: instructions, action space, action
    history and the current state (instruction in progress `P`, heading `D`,
-   landmarks in sight `O`) in one short string; answers are codes (F, S, T:NE,
-   T:SL) that map 1:1 to forward(), stop(), turn_direction(x).
+   landmarks in sight `O`) in one short string; a turn instruction reads
+   `T:SL>NE` (turn slightly left to face northeast); answers are codes (F, S,
+   T:NE, T:SL) that map 1:1 to forward(), stop(), turn_direction(x).
 3. Episodes end at the first wrong action: the world is static, so a wrong
    step leaves the agent off the route (the route counts as failed).
 4. Split sizes count steps; whole routes are kept, so a split holds the first
    route count whose steps reach the size (it may exceed it by < 1 route).
+5. Relative turns are geometric: the heading change is wrapped to
+   (-180, 180], so north -> northwest is "slightly left". The reference
+   subtracts compass degrees without wrapping and calls every change above
+   +45 "right" and below -45 "left", so it labels e.g. north -> northwest
+   (0 -> 315) "right" (6 of the 32 turns of this grid get a wrong label there).
 """
 
 from __future__ import annotations
@@ -30,8 +45,9 @@ import re
 from typing import Callable
 
 from amft_cli.tasks.base import Score
+from amft_cli.tasks.revision import Attempt, Episode
 
-SPLITS = ("train", "val", "test", "ood")
+SPLITS = ("train", "val", "test", "ood", "pretrain")  # pretrain only when task.pretrain_size > 0
 FORMATS = ("full", "compact")
 COMPASS = ("north", "northeast", "east", "southeast", "south", "southwest", "west", "northwest")
 COMPASS_CODE = ("N", "NE", "E", "SE", "S", "SW", "W", "NW")
@@ -153,11 +169,17 @@ def _try_route(rng: random.Random, rule: str) -> dict | None:
 # prompts
 
 
+def leg_turns(route: dict) -> list[str]:
+    """The relative turn that starts each leg (from the start heading, then from the previous leg's)."""
+    headings = [route["heading"]] + [leg["direction"] for leg in route["legs"]]
+    return [to_relative(COMPASS.index(a), COMPASS.index(b)) for a, b in zip(headings, headings[1:])]
+
+
 def instructions(route: dict) -> list[str]:
     """The numbered route instructions (full format): turn, move per leg, then stop."""
     lines = []
-    for i, leg in enumerate(route["legs"]):
-        lines.append(f"{'First, turn' if i == 0 else 'Turn'} to face {leg['direction']}.")
+    for i, (leg, turn) in enumerate(zip(route["legs"], leg_turns(route))):
+        lines.append(f"{'First, turn' if i == 0 else 'Turn'} {turn} to face {leg['direction']}.")
         lines.append(f"Move forward until you reach the next intersection where "
                      f"{leg['landmark']} is on your {leg['side']}.")
     lines.append(f"Stop: {route['legs'][-1]['landmark']} is your destination.")
@@ -209,7 +231,7 @@ def step_prompt(route: dict, history: list[str], fmt: str) -> str:
 
 
 def _compact_prompt(route: dict, history: list[str], state: tuple[tuple[int, int], int]) -> str:
-    """E.g. '1T:E 2F:SB 3T:NE 4F:CB 5S\\nA:abs H:T:E F F\\nP:4 D:NE O:SB\\n>'.
+    """E.g. '1T:R>E 2F:SB 3T:SL>NE 4F:CB 5S\\nA:abs H:T:E F F\\nP:4 D:NE O:SB\\n>'.
 
     The state is spelled out so the tiny model need not count history tokens:
     P is the instruction in progress (1 before any turn, else the move
@@ -217,8 +239,8 @@ def _compact_prompt(route: dict, history: list[str], state: tuple[tuple[int, int
     landmark codes in sight ('-' for none).
     """
     codes = []
-    for i, leg in enumerate(route["legs"]):
-        codes += [f"{2 * i + 1}T:{COMPASS_CODE[COMPASS.index(leg['direction'])]}",
+    for i, (leg, turn) in enumerate(zip(route["legs"], leg_turns(route))):
+        codes += [f"{2 * i + 1}T:{RELATIVE_CODE[turn]}>{COMPASS_CODE[COMPASS.index(leg['direction'])]}",
                   f"{2 * i + 2}F:{LANDMARKS[leg['landmark']]}"]
     codes.append(f"{len(codes) + 1}S")
     turns = sum(a.startswith("turn_direction(") for a in history)
@@ -263,9 +285,13 @@ def _in_space(action: str, rule: str) -> bool:
 def _score_action(gold: str, completion: str, fmt: str, rule: str) -> Score:
     action = parse_action(completion, fmt)
     if action is None:
-        return Score(-1.0, "malformed", {"action": None, "gold": gold})
+        return Score(-1.0, "malformed", {"action": None, "gold": gold,
+                                         "error": "your reply names no action from the action space"})
     info = {"action": action, "gold": gold, "in_action_space": _in_space(action, rule)}
-    return Score(1.0, "correct", info) if action == gold else Score(-1.0, "wrong", info)
+    if action == gold:
+        return Score(1.0, "correct", info)
+    return Score(-1.0, "wrong", {**info, "error": f"{action} is not the right action here"
+                                 + ("" if info["in_action_space"] else " (nor in the action space)")})
 
 
 def score(example: dict, completion: str) -> Score:
@@ -294,11 +320,12 @@ def _signature(route: dict) -> tuple:
 
 
 def build_splits(tcfg) -> dict[str, list[dict]]:
-    """Train/val/test (absolute actions) and ood (relative actions); sizes count steps.
+    """Train/val/test (absolute actions), ood (relative actions) and, when tcfg.pretrain_size > 0,
+    pretrain (either action space, half each); sizes count steps.
 
     Each split has its own generator seeded by (seed, split); a route whose
-    instructions already appear in an earlier split is skipped, so val, test
-    and ood share no instruction text with train (or with each other).
+    instructions already appear in an earlier split is skipped, so val, test,
+    ood and pretrain share no instruction text with train or with each other.
     """
     if tcfg.format not in FORMATS:
         raise ValueError(f"task.format: expected one of {', '.join(FORMATS)} for virl, got {tcfg.format!r}")
@@ -308,10 +335,13 @@ def build_splits(tcfg) -> dict[str, list[dict]]:
         size = getattr(tcfg, f"{split}_size")
         if size < 0:
             raise ValueError(f"task.{split}_size: expected a count >= 0, got {size}")
-        rng, rule = random.Random(f"virl-{tcfg.seed}-{split}"), "ood" if split == "ood" else "id"
+        if split == "pretrain" and size == 0:
+            continue
+        rng = random.Random(f"virl-{tcfg.seed}-{split}")
         examples: list[dict] = []
         n_routes = 0
         while len(examples) < size:
+            rule = {"ood": "ood", "pretrain": rng.choice(("id", "ood"))}.get(split, "id")
             route = make_route(rng, rule)
             if _signature(route) in seen:
                 continue
@@ -326,41 +356,53 @@ def build_splits(tcfg) -> dict[str, list[dict]]:
 # episodes
 
 
-def evaluate_episodes(examples: list[dict], generate: Callable[[list[str]], list[str]]) -> tuple[dict, list[dict]]:
+def evaluate_episodes(examples: list[dict], generate: Callable[[list], list[str]],
+                      verify_iter: int = 1) -> tuple[dict, list[dict]]:
     """Roll every route in `examples` out from step 0 with the model's own actions.
 
-    At step t the prompt's history holds the model's earlier actions. The world
-    is static, so the first wrong (or malformed) action fails the route and
-    ends its rollout. Each call to `generate` gets one prompt per active route.
-    Returns ({step_accuracy, route_success, routes, steps}, samples), one
-    sample {id, prompt, completion, reward, status} per attempted step.
+    At step t the prompt's history holds the model's earlier actions. Each step
+    gets up to verify_iter attempts (sequential revision, tasks/revision.py: a
+    failed attempt comes back with the verifier's message, and the count starts
+    afresh after each correct step, as the reference's `move_on_rail` resets
+    `remaining_step`). The world is static, so a step failed in all its
+    attempts fails the route and ends its rollout. Each call to `generate` gets
+    one prompt (a text, or a conversation after a failed attempt) per active
+    route. Returns ({step_accuracy (steps solved / steps tried), route_success,
+    routes, steps[, attempts]}, samples), one sample {id, attempt, prompt,
+    completion, reward, status} per attempt.
     """
     routes: dict[str, dict] = {}
     fmt: dict[str, str] = {}
     for ex in examples:
         routes.setdefault(ex["meta"]["route_id"], ex["meta"]["route"])
         fmt.setdefault(ex["meta"]["route_id"], ex["meta"]["format"])
-    history = {rid: [] for rid in routes}
-    active, samples, correct, succeeded = list(routes), [], 0, 0
+    history: dict[str, list[str]] = {rid: [] for rid in routes}
+    tries = {rid: Episode({"prompt": step_prompt(routes[rid], [], fmt[rid])}) for rid in routes}
+    active, samples, solved, succeeded = list(routes), [], 0, 0
     while active:
-        prompts = [step_prompt(routes[rid], history[rid], fmt[rid]) for rid in active]
-        completions = generate(prompts)
+        prompts = [tries[rid].conversation() for rid in active]
         still = []
-        for rid, prompt, completion in zip(active, prompts, completions):
-            route, t = routes[rid], len(history[rid])
+        for rid, prompt, completion in zip(active, prompts, generate(prompts)):
+            route, t, episode = routes[rid], len(history[rid]), tries[rid]
             verdict = _score_action(route["actions"][t], completion, fmt[rid], route["rule"])
-            samples.append({"id": f"{rid}/step-{t}", "prompt": prompt, "completion": completion,
-                            "reward": verdict.reward, "status": verdict.status})
+            samples.append({"id": f"{rid}/step-{t}", "attempt": len(episode.attempts), "prompt": prompt,
+                            "completion": completion, "reward": verdict.reward, "status": verdict.status})
+            episode.attempts.append(Attempt(completion, verdict))
             if not verdict.correct:
+                if episode.open(verify_iter):
+                    still.append(rid)
                 continue
-            correct += 1
+            solved += 1
             history[rid].append(route["actions"][t])
             if len(history[rid]) == len(route["actions"]):
                 succeeded += 1
             else:
+                tries[rid] = Episode({"prompt": step_prompt(route, history[rid], fmt[rid])})
                 still.append(rid)
         active = still
-    metrics = {"step_accuracy": correct / len(samples) if samples else 0.0,
-               "route_success": succeeded / len(routes) if routes else 0.0,
-               "routes": len(routes), "steps": len(samples)}
+    steps = len({s["id"] for s in samples})
+    metrics = {"step_accuracy": solved / steps if steps else 0.0,
+               "route_success": succeeded / len(routes) if routes else 0.0, "routes": len(routes), "steps": steps}
+    if verify_iter > 1:
+        metrics["attempts"] = len(samples)
     return metrics, samples
