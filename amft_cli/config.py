@@ -82,7 +82,9 @@ class ModelConfig:
     num_heads: int = knob(4, "Tiny model only: attention heads.")
     pretrain_steps: int = knob(0, "Tiny model only: SFT steps `prepare` runs on the task's pretraining mix "
                                "(task.pretrain_size), so fine-tuning starts from a model that has the skill "
-                               "the OOD split tests, as a pretrained LLM does; 0 = stay random.")
+                               "the OOD split tests, as a pretrained LLM does (pretrain.py); 0 = stay random "
+                               "(the presets: off, see README). Cost: steps x pretrain_batch_size demonstrations "
+                               "once per preset; 400 is about a third of a default 1200-step SFT run.")
     pretrain_batch_size: int = knob(64, "Tiny model only: demonstrations per pretraining step.")
     pretrain_lr: float = knob(1e-3, "Tiny model only: peak AdamW rate of pretraining (cosine decay to 10%); "
                               "the rate a from-scratch tiny model needs.")

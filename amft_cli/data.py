@@ -143,7 +143,8 @@ def prepare(cfg: Config, force: bool = False, log: Callable[[str], None] = print
 def _build_base_model(cfg: Config, task, log: Callable[[str], None],
                       on_pretrain_step: Callable[[int, int, float], None] | None) -> None:
     """The tiny model at model.path, pre-trained when configured; built aside, then moved in."""
-    from amft_cli.model import build_tiny_model, count_parameters, load_policy, pretrain_tiny_model
+    from amft_cli.model import build_tiny_model, count_parameters, load_policy
+    from amft_cli.pretrain import pretrain_tiny_model
 
     final = Path(cfg.model.path)
     with user_io(cfg.model.path, "writing the tiny model"):

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from amft_cli.cli import resolve_config
 from amft_cli.data import is_prepared, is_stale, prepare
-from amft_cli.model import _sft_batch, load_policy
+from amft_cli.model import load_policy
+from amft_cli.pretrain import _sft_batch
 from amft_cli.policy import Policy, sequence_logprobs
 from amft_cli.tasks.base import read_jsonl
 
