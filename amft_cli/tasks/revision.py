@@ -32,13 +32,10 @@ from amft_cli.tasks.base import Score
 FEEDBACK = "You failed this trial because {}"
 
 
-
 class Conversation(list):
     """The chat messages of a revision episode ({"role", "content"} dicts). A type of its own, so
     encoders tell it from a task prompt, which may itself be a list of messages (a system prompt)."""
 
-
-Messages = Conversation
 
 
 def feedback(score: Score) -> str:
@@ -65,7 +62,7 @@ class Episode:
     def solved(self) -> bool:
         return any(a.score.correct for a in self.attempts)
 
-    def messages(self) -> Messages:
+    def messages(self) -> Conversation:
         """The conversation the next attempt continues: the prompt, then per failed attempt
         the answer (assistant) and the verifier's message (user)."""
         prompt = self.example["prompt"]
@@ -74,7 +71,7 @@ class Episode:
             out += [{"role": "assistant", "content": a.completion}, {"role": "user", "content": feedback(a.score)}]
         return out
 
-    def conversation(self) -> str | Messages:
+    def conversation(self) -> str | Conversation:
         """What the next attempt continues: the bare prompt first, the messages after a failure."""
         return self.messages() if self.attempts else self.example["prompt"]
 
@@ -89,7 +86,7 @@ class Episode:
 
 
 def run_episodes(task, examples: list[dict], n: int, verify_iter: int,
-                 generate: Callable[[list[str | Messages], int], list[list]]) -> list[Episode]:
+                 generate: Callable[[list[str | Conversation], int], list[list]]) -> list[Episode]:
     """n episodes per example (example-major), each up to verify_iter attempts.
 
     generate(conversations, n) returns n completions per conversation, each a text or
