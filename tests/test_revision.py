@@ -191,3 +191,16 @@ def test_training_with_revision_scores_every_attempt(tmp_path):
         assert 2.5 <= record["revision/attempts"] <= 3.0
         assert record["revision/success"] >= record["revision/first_accuracy"]
         assert record["reward/mean"] < 0
+
+
+def test_revision_trains_in_one_process_only():
+    from amft_cli.cli import resolve_config
+    from amft_cli.config import ConfigError
+    from amft_cli.parallel import Processes
+    from amft_cli.train import check_processes
+
+    cfg = resolve_config("tiny-gp", ["task.verify_iter=2"])
+    check_processes(cfg, Processes(count=1), None, None)
+    with pytest.raises(ConfigError, match="task.verify_iter = 2: sequential revision trains in one process"):
+        check_processes(cfg, Processes(count=2), None, None)
+    check_processes(resolve_config("tiny-gp", []), Processes(count=2), None, None)
