@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -245,19 +246,34 @@ class AdamW:
         return 1.0 - self.betas[0] ** t, 1.0 - self.betas[1] ** t
 
 
+# ⟨a, b⟩ of two (P,) vectors as a float. Several processes holding shards of the vectors pass
+# the sum of their local products (parallel.Processes.dot); one process: `local_dot`.
+Dot = Callable[[torch.Tensor, torch.Tensor], float]
+
+
+def local_dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.dot(a.float(), b.float()).item()
+
+
+def norm_of(a: torch.Tensor, dot: Dot = local_dot) -> float:
+    """‖a‖ through `dot` (so that a sharded vector's norm counts every shard)."""
+    return math.sqrt(max(dot(a, a), 0.0))  # NaN and inf carry through (max(nan, 0.0) is nan)
+
+
 def clip_factor(norm: float, max_norm: float) -> float:
     """The factor torch.nn.utils.clip_grad_norm_ multiplies gradients by (max_norm ≤ 0: no clipping)."""
     return min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0
 
 
-def adamw_step(theta: torch.Tensor, grad: torch.Tensor, opt: AdamW, max_norm: float = 0.0) -> torch.Tensor:
+def adamw_step(theta: torch.Tensor, grad: torch.Tensor, opt: AdamW, max_norm: float = 0.0,
+               dot: Dot = local_dot) -> torch.Tensor:
     """θ_new − θ of one full-weight AdamW step on `grad` (clipped first). theta, grad (P,) -> (P,).
 
     −lr·(λ·θ + m̂/(√v̂ + ε)) with m, v after adding the clipped gradient, as torch computes it.
     """
     beta1, beta2 = opt.betas
     bc1, bc2 = opt.bias_corrections()
-    g = grad.float() * clip_factor(grad.float().norm().item(), max_norm)
+    g = grad.float() * clip_factor(norm_of(grad, dot), max_norm)
     m = beta1 * opt.exp_avg + (1 - beta1) * g
     v = beta2 * opt.exp_avg_sq + (1 - beta2) * g * g
     return -opt.lr * (opt.weight_decay * theta.float() + (m / bc1) / (v.sqrt() / bc2 ** 0.5 + opt.eps))
@@ -276,7 +292,7 @@ def update_derivative_split(step_sft: torch.Tensor, step_rl: torch.Tensor, mu: f
 
 
 def update_derivative_shared(grad_sft: torch.Tensor, grad_rl: torch.Tensor, mu: float, opt: AdamW,
-                             max_norm: float = 0.0) -> torch.Tensor:
+                             max_norm: float = 0.0, dot: Dot = local_dot) -> torch.Tensor:
     """dθ'/dμ in shared mode: one AdamW step on g(μ) = μ·g_SFT + (1−μ)·g_RL. grads (P,) -> (P,).
 
     With c(μ) the clip factor and ĝ = c·g: m = β₁m₀ + (1−β₁)ĝ, v = β₂v₀ + (1−β₂)ĝ²,
@@ -289,10 +305,10 @@ def update_derivative_shared(grad_sft: torch.Tensor, grad_rl: torch.Tensor, mu: 
     bc1, bc2 = opt.bias_corrections()
     g_sft, g_rl = grad_sft.float(), grad_rl.float()
     g, dg = mu * g_sft + (1.0 - mu) * g_rl, g_sft - g_rl
-    norm = g.norm().item()
+    norm = norm_of(g, dot)
     c, dc = clip_factor(norm, max_norm), 0.0
     if c < 1.0:
-        dc = -max_norm * torch.dot(g, dg).item() / (max(norm, 1e-30) * (norm + 1e-6) ** 2)
+        dc = -max_norm * dot(g, dg) / (max(norm, 1e-30) * (norm + 1e-6) ** 2)
     g_hat, dg_hat = c * g, c * dg + dc * g
     m = beta1 * opt.exp_avg + (1 - beta1) * g_hat
     v = beta2 * opt.exp_avg_sq + (1 - beta2) * g_hat * g_hat
@@ -303,13 +319,14 @@ def update_derivative_shared(grad_sft: torch.Tensor, grad_rl: torch.Tensor, mu: 
     return -(opt.lr / bc1) * ((1 - beta1) * dg_hat * denom - m * d_denom) / denom ** 2
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+def cosine(a: torch.Tensor, b: torch.Tensor, dot: Dot = local_dot) -> float:
     """cos(a, b) of two (P,) vectors; 0 when either is 0."""
-    denom = a.float().norm() * b.float().norm()
-    return (torch.dot(a.float(), b.float()) / denom).item() if denom > 0 else 0.0
+    denom = norm_of(a, dot) * norm_of(b, dot)
+    return dot(a, b) / denom if denom > 0 else 0.0
 
 
-def meta_gradient(grad_utility: torch.Tensor, update_derivative: torch.Tensor, norm: str = "cosine") -> float:
+def meta_gradient(grad_utility: torch.Tensor, update_derivative: torch.Tensor, norm: str = "cosine",
+                  dot: Dot = local_dot) -> float:
     """dU(θ')/dμ to first order. grad_utility = ∇θU (ascent direction), update_derivative = dθ'/dμ, both (P,).
 
     raw:    ⟨∇U, dθ'/dμ⟩
@@ -317,9 +334,9 @@ def meta_gradient(grad_utility: torch.Tensor, update_derivative: torch.Tensor, n
     Positive means more SFT (larger μ) raises U after this step.
     """
     if norm == "raw":
-        return torch.dot(grad_utility.float(), update_derivative.float()).item()
+        return dot(grad_utility, update_derivative)
     if norm == "cosine":
-        return cosine(grad_utility, update_derivative)
+        return cosine(grad_utility, update_derivative, dot)
     raise ValueError(f"amft.meta_grad_norm: unknown normalisation {norm!r}")
 
 

@@ -36,8 +36,10 @@ def checkpoint_dirs(run_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep: int = 2) -> Path:
-    """Write step-N atomically, then drop all but the newest `keep` checkpoints.
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep: int = 2,
+                    weights: dict | None = None) -> Path:
+    """Write step-N atomically, then drop all but the newest `keep` checkpoints. weights: the
+    model's full state dict when the model itself holds only a shard (FSDP, sharding.py).
 
     A failed write (full disk, Ctrl-C, a library error) removes its temp folder and
     leaves the previous checkpoints as they were; a full disk or a read-only one is
@@ -50,7 +52,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write(tmp, model, tokenizer, trainer_state)
+        _write(tmp, model, tokenizer, trainer_state, weights)
     except BaseException as e:
         full = disk_full(e, root)  # judged before the cleanup frees the space again
         shutil.rmtree(tmp, ignore_errors=True)
@@ -75,8 +77,8 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
     return final
 
 
-def _write(folder: Path, model, tokenizer, trainer_state: dict) -> None:
-    model.save_pretrained(folder, safe_serialization=True)
+def _write(folder: Path, model, tokenizer, trainer_state: dict, weights: dict | None = None) -> None:
+    model.save_pretrained(folder, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(folder)
     torch.save(trainer_state, folder / STATE_FILE)
     with open(folder / STATE_FILE, "rb") as f:

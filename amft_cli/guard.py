@@ -31,9 +31,14 @@ class Diverged(ValueError):
     """Training produced only non-finite values for too long; printed as one line."""
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (e.g. a norm over FSDP shards, reduced over the processes); else t."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def grad_norm(grads: list[torch.Tensor | None]) -> float:
-    """Global L2 norm of a gradient list (inf or NaN when any entry is)."""
-    norms = [torch.linalg.vector_norm(g.float()) for g in grads if g is not None]
+    """Global L2 norm of a gradient list (inf or NaN when any entry is); FSDP shards included."""
+    norms = [whole(torch.linalg.vector_norm(g.float())) for g in grads if g is not None]
     return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
 
 

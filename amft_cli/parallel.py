@@ -25,6 +25,16 @@ What is shared how (the loop, signals.py and policy.py call these; methods see o
   - only the main process (rank 0) writes the run directory (lock, config, metrics,
     checkpoints, dashboard); every process reads the checkpoint when resuming.
 
+Sharded (FSDP2) training, for models whose weights, gradients and optimizer state do not fit
+one device: `accelerate launch --config_file presets/accelerate/<preset>.yaml` sets
+ACCELERATE_USE_FSDP, and sharding.py shards the model with torch's fully_shard as accelerate's
+FSDP plugin configures it. Backward() then reduce-scatters each signal's gradient (summed, the
+same whole-batch normalisers), so each process holds ITS shard of g_SFT, g_RL and ∇U. Every
+flattened vector (`flat`) is this process's part — its shards, plus on the main process only
+the parameters FSDP leaves whole — and a dot product or norm is the sum of the local parts'
+products over the processes (`dot`): each coordinate counted once, as FSDP's clip_grad_norm_.
+Element-wise work (the AdamW lookahead dθ'/dμ) stays local.
+
 torch is imported only where processes talk, so `amft train`'s config errors stay fast.
 """
 
@@ -47,8 +57,10 @@ TIMEOUT_S = 4 * 3600
 class Processes:
     """This process's place among the processes training one model; one process by default."""
 
-    def __init__(self, count: int = 1, rank: int = 0, device: torch.device | None = None) -> None:
+    def __init__(self, count: int = 1, rank: int = 0, device: torch.device | None = None,
+                 sharded: bool = False) -> None:
         self.count, self.rank, self._device = count, rank, device
+        self.sharded = sharded  # FSDP: each process holds a shard of the weights and gradients
 
     @property
     def is_main(self) -> bool:
@@ -98,8 +110,9 @@ class Processes:
         return t.tolist()
 
     def sum_grads(self, grads: list) -> list:
-        """All-reduce (sum) a gradient list (tensors) in place, in flat buckets of one dtype."""
-        if self.count == 1:
+        """All-reduce (sum) a gradient list (tensors) in place, in flat buckets of one dtype.
+        Sharded: backward() already reduce-scattered them (sharding.py)."""
+        if self.count == 1 or self.sharded:
             return grads
         import torch
 
@@ -115,6 +128,31 @@ class Processes:
             if g is not None:
                 bucket.append(g)
         return grads
+
+    # --- vectors over all parameters (the controller's dot products)
+
+    def flat(self, tensors: list, params: list) -> torch.Tensor:
+        """This process's part of the (P,) vector of per-parameter tensors (None: zeros), float32.
+        One process or data parallel: the whole vector. Sharded: its shard of each sharded
+        parameter, and the parameters FSDP left whole on the main process only."""
+        import torch
+
+        parts = []
+        for t, p in zip(tensors, params):
+            t = torch.zeros_like(p) if t is None else t
+            if hasattr(t, "to_local"):  # a DTensor: this process's shard
+                t = t.to_local()
+            elif self.sharded and not self.is_main:  # whole on every process: counted on the main one
+                continue
+            parts.append(t.detach().reshape(-1).float())
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """⟨a, b⟩ of two vectors made by `flat`: sharded, the sum of the processes' local products."""
+        import torch
+
+        local = torch.dot(a.float(), b.float()).item()
+        return self.sum_floats([local])[0] if self.sharded else local
 
     def any(self, flag: bool) -> bool:
         """True on every process when it is true on any (e.g. a Ctrl-C seen by one rank)."""
@@ -148,7 +186,7 @@ _current: Processes | None = None
 def current() -> Processes:
     """This process's `Processes`, joined on first use: WORLD_SIZE > 1 (set by torchrun and
     accelerate launch) starts accelerate's PartialState, on CPU over gloo when there is no GPU
-    or ACCELERATE_USE_CPU is set."""
+    or ACCELERATE_USE_CPU is set; ACCELERATE_USE_FSDP (an FSDP config) shards the model."""
     global _current
     if _current is None:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -161,5 +199,6 @@ def current() -> Processes:
 
             cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
             state = PartialState(cpu=cpu, timeout=timedelta(seconds=TIMEOUT_S))
-            _current = Processes(state.num_processes, state.process_index, state.device)
+            fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+            _current = Processes(state.num_processes, state.process_index, state.device, sharded=fsdp)
     return _current

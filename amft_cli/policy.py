@@ -3,7 +3,8 @@
 Sequences are prompt ids followed by completion ids, right-padded; log-probs
 and entropies are aligned with the tokens they predict, and `mask` marks the
 completion tokens (the only ones any loss counts). With several training processes
-(parallel.py), each differentiates its share of a batch and `grads_in_chunks` sums them.
+(parallel.py), each differentiates its share of a batch and `grads_in_chunks` sums them
+(all-reduce; with FSDP, backward's reduce-scatter leaves each process its gradient shard).
 """
 
 from __future__ import annotations
@@ -190,21 +191,29 @@ def grads_in_chunks(policy: Policy, prompts: list[list[int]], completions: list[
     the whole batch, and gradients, loss and stats are summed over the processes.
     Returns (grads, loss value, stats: entropy = mean response-token entropy, plus chunk stats
     averaged by token count)."""
-    grads = [torch.zeros_like(p) for p in policy.params]
+    sharded = policy.dist.sharded  # FSDP: backward() reduce-scatters into each shard's .grad (sharding.py)
+    grads = [torch.zeros_like(p) for p in policy.params] if not sharded else []
     loss_value, tokens, sums = 0.0, 0.0, {"entropy": 0.0}
     for rows in chunk_rows(group, len(prompts), micro_batch):
         logprobs, entropy, mask = sequence_logprobs(policy, prompts[rows], completions[rows],
                                                     group=group[rows] if group is not None else None,
                                                     entropy_grad=entropy_grad)
         loss, stats = chunk_loss(logprobs, mask, rows, entropy)
-        for g, new in zip(grads, torch.autograd.grad(loss, policy.params, allow_unused=True)):
-            if new is not None:
-                g += new
+        if sharded:
+            loss.backward()
+        else:
+            for g, new in zip(grads, torch.autograd.grad(loss, policy.params, allow_unused=True)):
+                if new is not None:
+                    g += new
         n = mask.sum().item()
         loss_value, tokens = loss_value + loss.item(), tokens + n
         sums["entropy"] += (entropy.detach() * mask).sum().item()
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v * n
+    if sharded:  # FSDP averaged the processes' gradients: their sum (sharding.py)
+        grads = [p.grad * policy.dist.count if p.grad is not None else torch.zeros_like(p) for p in policy.params]
+        for p in policy.params:
+            p.grad = None
     keys = list(sums)  # the same order on every process (the same code made them)
     loss_value, tokens, *totals = policy.dist.sum_floats([loss_value, tokens] + [sums[k] for k in keys])
     return policy.dist.sum_grads(grads), loss_value, {k: v / max(tokens, 1.0) for k, v in zip(keys, totals)}
@@ -247,6 +256,10 @@ def load_for_training(cfg: Config, checkpoint: Path | None = None, dist: Process
         # full fine-tuning keeps fp32 master weights: a bf16 AdamW step at lr 1e-6 rounds most updates away
         autocast, mcfg = getattr(torch, mcfg.dtype), replace(mcfg, dtype="float32")
     model, tokenizer = load_policy(mcfg, device, trainable=True)
+    if dist.sharded:
+        from amft_cli.sharding import shard_model
+
+        model = shard_model(model, dist)
     model.train()
     reference = None
     if cfg.rl.kl_beta > 0:

@@ -180,14 +180,13 @@ def stop_ids(model, tokenizer) -> list[int]:
     return sorted({i for i in [tokenizer.eos_token_id, *config_eos] if i is not None})
 
 
-@torch.inference_mode()
-def _generate_batch(model, prompt_ids: list[list[int]], n: int, *, pad_id: int, stop: list[int],
-                    max_new_tokens: int, greedy: bool, temperature: float, top_p: float,
-                    generator: torch.Generator | None, uniforms: torch.Tensor | None = None,
-                    ) -> tuple[list[list[int]], list[list[float]]]:
+def _sample_batch(model, prompt_ids: list[list[int]], n: int, *, pad_id: int, stop: list[int],
+                  max_new_tokens: int, greedy: bool, temperature: float, top_p: float,
+                  generator: torch.Generator | None, uniforms: torch.Tensor | None = None,
+                  sharded: bool = False) -> tuple[list[list[int]], list[list[float]]]:
     """Sample n continuations of each prompt; returns P·n token lists (stop token kept) and the
     sampler's log-prob of each of those tokens. uniforms (P·n, max_new_tokens): each row's
-    draws (row_uniforms); None: from `generator`."""
+    draws (row_uniforms); None: from `generator`. sharded: FSDP weights (_generate_batch)."""
     device = next(model.parameters()).device
     uniforms = None if uniforms is None else uniforms.to(device)
     stop_t = torch.tensor(stop, dtype=torch.long, device=device)
@@ -214,7 +213,7 @@ def _generate_batch(model, prompt_ids: list[list[int]], n: int, *, pad_id: int, 
         just_done = torch.isin(nxt, stop_t) & ~done
         lengths = torch.where(just_done, torch.full_like(lengths, t + 1), lengths)
         done |= just_done
-        if t + 1 == max_new_tokens or bool(done.all()):
+        if t + 1 == max_new_tokens or _finished(done, sharded):
             break
         mask[:, width + t] = ~done
         seen = mask if preallocated else mask[:, : width + t + 1]
@@ -223,6 +222,25 @@ def _generate_batch(model, prompt_ids: list[list[int]], n: int, *, pad_id: int, 
     tokens, token_logprobs, lengths = tokens.cpu(), token_logprobs.cpu(), lengths.cpu()
     return ([tokens[i, : lengths[i]].tolist() for i in range(rows)],
             [token_logprobs[i, : lengths[i]].tolist() for i in range(rows)])
+
+
+def _generate_batch(model, prompt_ids: list[list[int]], n: int,
+                    **kw) -> tuple[list[list[int]], list[list[float]]]:
+    """_sample_batch without autograd. FSDP (sharding.py, DTensor weights): no_grad, as the
+    shards gathered under inference_mode could not be written by the next training forward."""
+    sharded = hasattr(next(model.parameters()), "to_local")
+    with torch.no_grad() if sharded else torch.inference_mode():
+        return _sample_batch(model, prompt_ids, n, sharded=sharded, **kw)
+
+
+def _finished(done: torch.Tensor, sharded: bool) -> bool:
+    """Every row has stopped; with FSDP on every process, as each forward gathers the weight
+    shards from all of them (one process stopping early would leave the others waiting)."""
+    if not sharded:
+        return bool(done.all())
+    running = (~done).any().to(torch.int32).reshape(1)
+    torch.distributed.all_reduce(running)
+    return running.item() == 0
 
 
 def generate(model, tokenizer, prompt_ids: list[list[int]], n: int = 1, *, max_new_tokens: int,

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from amft_cli import algo, guard, methods, parallel
+from amft_cli import algo, guard, methods, parallel, sharding
 from amft_cli.checkpoint import (checkpoint_dirs, load_trainer_state, restore_rng, rng_state,
                                  save_checkpoint)
 from amft_cli.config import Config, ConfigError, to_toml
@@ -69,7 +69,7 @@ def apply_update(policy: Policy, optimizers: dict, g_sft: list | None, g_rl: lis
         for p, g in zip(policy.params, grads):
             p.grad = g
         if cfg.train.grad_clip > 0:
-            part = torch.nn.utils.clip_grad_norm_(policy.params, cfg.train.grad_clip).item()
+            part = guard.whole(torch.nn.utils.clip_grad_norm_(policy.params, cfg.train.grad_clip)).item()
             norm = part if math.isnan(part) else max(norm, part)  # max(0.0, nan) would hide a NaN
         for group in optimizers[name].param_groups:
             group["lr"] = weight * lr * lr_scale
@@ -78,14 +78,16 @@ def apply_update(policy: Policy, optimizers: dict, g_sft: list | None, g_rl: lis
     return norm
 
 
-def adamw_view(optimizer: torch.optim.Optimizer, params: list, lr: float) -> algo.AdamW:
+def adamw_view(optimizer: torch.optim.Optimizer, params: list, lr: float,
+               dist: parallel.Processes | None = None) -> algo.AdamW:
     """A flattened copy of an AdamW's state before its next step, at rate lr (torch.cat copies,
-    so the real moments are never touched). Zeros and step 0 before its first step."""
+    so the real moments are never touched). Zeros and step 0 before its first step. dist: whose
+    part of the vectors (parallel.Processes.flat; with FSDP this process's shards)."""
+    dist = dist or parallel.Processes()
     group, states = optimizer.param_groups[0], [optimizer.state.get(p, {}) for p in params]
 
     def moment(key: str) -> torch.Tensor:
-        return torch.cat([s[key].reshape(-1).float() if key in s else torch.zeros(p.numel(), device=p.device)
-                          for s, p in zip(states, params)])
+        return dist.flat([s.get(key) for s in states], params)
     step = int(states[0]["step"]) if "step" in states[0] else 0
     return algo.AdamW(moment("exp_avg"), moment("exp_avg_sq"), step, lr, group["weight_decay"],
                       tuple(group["betas"]), group["eps"])
@@ -94,19 +96,21 @@ def adamw_view(optimizer: torch.optim.Optimizer, params: list, lr: float) -> alg
 def update_derivative(policy: Policy, optimizers: dict, g_sft: list, g_rl: list, mu: float, cfg: Config,
                       lr_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dθ'/dμ of the step `apply_update` takes with the same arguments, and each signal's own
-    full-weight step Δ_SFT, Δ_RL; all (P,). Reads the optimizers' state, never changes it."""
-    params, clip = policy.params, cfg.train.grad_clip
-    theta = algo.flatten_grads([p.detach() for p in params], params)
-    grad_sft, grad_rl = algo.flatten_grads(g_sft, params), algo.flatten_grads(g_rl, params)
+    full-weight step Δ_SFT, Δ_RL; all (P,) (with FSDP this process's part, parallel.py).
+    Reads the optimizers' state, never changes it."""
+    params, clip, dist = policy.params, cfg.train.grad_clip, policy.dist
+    dot = dist.dot  # norms and dot products over every process's part
+    theta = dist.flat([p.detach() for p in params], params)
+    grad_sft, grad_rl = dist.flat(g_sft, params), dist.flat(g_rl, params)
     if "rl" in optimizers:  # split: two AdamWs at rates μ·α_SFT and (1−μ)·α_RL
-        opt_sft = adamw_view(optimizers["sft"], params, cfg.train.lr * lr_scale)
-        opt_rl = adamw_view(optimizers["rl"], params, cfg.train.rl_lr * lr_scale)
-        step_sft = algo.adamw_step(theta, grad_sft, opt_sft, clip)
-        step_rl = algo.adamw_step(theta, grad_rl, opt_rl, clip)
+        opt_sft = adamw_view(optimizers["sft"], params, cfg.train.lr * lr_scale, dist)
+        opt_rl = adamw_view(optimizers["rl"], params, cfg.train.rl_lr * lr_scale, dist)
+        step_sft = algo.adamw_step(theta, grad_sft, opt_sft, clip, dot)
+        step_rl = algo.adamw_step(theta, grad_rl, opt_rl, clip, dot)
         return algo.update_derivative_split(step_sft, step_rl, mu, opt_rl), step_sft, step_rl
-    opt = adamw_view(optimizers["sft"], params, cfg.train.lr * lr_scale)
-    return (algo.update_derivative_shared(grad_sft, grad_rl, mu, opt, clip),
-            algo.adamw_step(theta, grad_sft, opt, clip), algo.adamw_step(theta, grad_rl, opt, clip))
+    opt = adamw_view(optimizers["sft"], params, cfg.train.lr * lr_scale, dist)
+    return (algo.update_derivative_shared(grad_sft, grad_rl, mu, opt, clip, dot),
+            algo.adamw_step(theta, grad_sft, opt, clip, dot), algo.adamw_step(theta, grad_rl, opt, clip, dot))
 
 
 def lr_factor(step: int, cfg: Config) -> float:
@@ -191,11 +195,62 @@ def check_processes(cfg: Config, dist: parallel.Processes, saved: dict | None, c
         if value < dist.count:
             raise ConfigError(f"{key} = {value}: fewer than the {dist.count} training processes, and each "
                               "process takes a share of the batch; raise it or start fewer processes")
+    if dist.sharded:
+        check_sharding(cfg, dist)
     wrote = saved.get("processes", 1) if saved is not None else dist.count
     if wrote != dist.count:
         raise ConfigError(f"--resume: {checkpoint} was written by a run of {wrote} training process(es), this "
                           f"one has {dist.count}; resume with the same number (torchrun --nproc_per_node {wrote} "
                           f"or accelerate launch --num_processes {wrote}; 1: plain `amft train`)")
+
+
+def check_sharding(cfg: Config, dist: parallel.Processes) -> None:
+    """What FSDP (sharding.py) needs: every process runs the same forwards (each forward
+    gathers the shards), so each shares the same number of examples of every batch; and the
+    paths it was tested on (full fine-tuning, the hf sampler, the loop's own optimizers)."""
+    method = methods.get(cfg.train.algo)
+    for key, value in method.shared_batches(cfg).items():
+        if value % dist.count:
+            raise ConfigError(f"{key} = {value}: not a multiple of the {dist.count} training processes; with FSDP "
+                              "every process takes an equal share of each batch")
+    for bad, why in ((cfg.model.lora_rank > 0, "model.lora_rank > 0: LoRA models fit one GPU; FSDP shards "
+                                                "full fine-tuning only"),
+                     (cfg.rl.backend == "vllm", "rl.backend = \"vllm\": vLLM cannot sample from a sharded model"),
+                     (not method.shardable, f"train.algo = {cfg.train.algo!r}: steps its own optimizer, not "
+                                            "sharded yet")):
+        if bad:
+            raise ConfigError(f"{why} (an FSDP accelerate config was given: ACCELERATE_USE_FSDP)")
+
+
+def save_run(run_dir: Path, run: Run, method: Method, optimizers: dict, summary: dict) -> Path | None:
+    """Checkpoint the current step: the main process writes it; with FSDP every process first
+    helps gather the full weights and optimizer states (sharding.py)."""
+    policy, dist = run.policy, run.policy.dist
+    weights = None
+    if dist.sharded:
+        opt_states = {k: sharding.full_optimizer_state(policy.model, o) for k, o in optimizers.items()}
+        weights = sharding.full_model_state(policy.model)
+    elif dist.is_main:
+        opt_states = {k: o.state_dict() for k, o in optimizers.items()}
+    if not dist.is_main:  # every process holds the same state (or its shard of it)
+        return None
+    state = {"optimizers": opt_states, "summary": summary, "method": method.state_dict(),
+             "cursors": asdict(run.cursors), "rng": rng_state(), "processes": dist.count}
+    return save_checkpoint(run_dir, run.cursors.step, policy.model, policy.tokenizer, state,
+                           run.cfg.train.keep_checkpoints, weights)
+
+
+def restore(run: Run, method: Method, optimizers: dict, saved: dict) -> dict:
+    """Load a checkpoint's trainer state (the weights are loaded with the model); returns its summary."""
+    for name, opt in optimizers.items():
+        if run.policy.dist.sharded:
+            sharding.load_optimizer_state(run.policy.model, opt, saved["optimizers"][name])
+        else:
+            opt.load_state_dict(saved["optimizers"][name])
+    method.load_state_dict(saved["method"])
+    run.cursors = Cursors(**saved["cursors"])
+    restore_rng(saved["rng"])
+    return saved.get("summary", {})
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False,
@@ -221,29 +276,22 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_metrics: Callable[[int, 
     check_processes(cfg, dist, saved, checkpoint)
     run, method, optimizers = setup(cfg, checkpoint, on_message)
     policy = run.policy
+    if dist.sharded:
+        on_message(f"FSDP: weights, gradients and optimizer state sharded over {dist.count} processes")
     summary: dict = {}
     if dist.is_main:
         with user_io(run_dir / "config.toml", "writing the run's config"):  # every input read: a failed
             (run_dir / "config.toml").write_text(to_toml(cfg))                # start changes nothing
+    evaluates = cfg.train.eval_at_end and (dist.is_main or dist.sharded)  # FSDP: every forward takes all
     if saved is not None:
-        for name, opt in optimizers.items():
-            opt.load_state_dict(saved["optimizers"][name])
-        method.load_state_dict(saved["method"])
-        run.cursors, summary = Cursors(**saved["cursors"]), saved.get("summary", {})
-        restore_rng(saved["rng"])
+        summary = restore(run, method, optimizers, saved)
         on_message(f"resumed from {checkpoint} (step {run.cursors.step})")
-    elif cfg.train.eval_at_end and dist.is_main:
+    elif evaluates:
         summary["before"] = quick_eval(policy, cfg, run.task)
         on_message(f"before training: {summary['before']['label']} {summary['before']['value']:.1%} on unseen ID test problems")
 
     def save() -> Path | None:
-        if not dist.is_main:  # every process holds the same weights and state
-            return None
-        state = {"optimizers": {k: o.state_dict() for k, o in optimizers.items()}, "summary": summary,
-                 "method": method.state_dict(), "cursors": asdict(run.cursors), "rng": rng_state(),
-                 "processes": dist.count}
-        return save_checkpoint(run_dir, run.cursors.step, policy.model, policy.tokenizer, state,
-                               cfg.train.keep_checkpoints)
+        return save_run(run_dir, run, method, optimizers, summary)
 
     interrupted = False
     sink = MetricSink(run_dir, resume_step=run.cursors.step if checkpoint else None) if dist.is_main else None
@@ -262,8 +310,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_metrics: Callable[[int, 
                 break
             if run.cursors.step % cfg.train.save_every == 0 or run.cursors.step == cfg.train.steps:
                 save()
-    if not interrupted and cfg.train.eval_at_end and dist.is_main:
+    if not interrupted and evaluates:
         summary["after"] = quick_eval(policy, cfg, run.task)
+    if not interrupted and cfg.train.eval_at_end and dist.is_main:
         with user_io(run_dir / "summary.json", "writing the run's summary"):
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return TrainResult(run_dir, run.cursors.step, interrupted, summary)

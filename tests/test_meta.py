@@ -163,7 +163,7 @@ class MetaProbe:
         return self._real_update(policy, optimizers, g_sft, g_rl, mu, cfg, lr_scale)
 
     def _controller(self, real):
-        def spy(*args):
+        def spy(*args, **kwargs):
             captured: dict = {}
 
             def utility():  # the real ∇U, recording the rollouts and advantages it used
@@ -171,7 +171,7 @@ class MetaProbe:
                     mp.setattr(HFBackend, "generate", record_calls(HFBackend.generate, captured, "rollouts"))
                     mp.setattr(algo, "group_advantages", record_calls(algo.group_advantages, captured, "advantages"))
                     return args[-1]()
-            metrics = real(*args[:-1], utility)
+            metrics = real(*args[:-1], utility, **kwargs)
             if metrics["balance/meta_update"]:
                 u = [self._utility_after(m, captured) for m in (+self.h, -self.h)]
                 self.pairs.append((metrics["balance/meta_grad_raw"], (u[0] - u[1]) / (2 * self.h)))

@@ -75,7 +75,8 @@ class AMFT(Method):
     def after_update(self, run: Run, step: int) -> dict:
         """After the step θ → θ': the μ update, with ∇U at θ'."""
         entropy, derivative = self._pending
-        out = controller_step(self.cfg, self.state, step, entropy, derivative, lambda: utility_grad(run, self))
+        out = controller_step(self.cfg, self.state, step, entropy, derivative, lambda: utility_grad(run, self),
+                              dot=run.policy.dist.dot)
         return {**out, "balance/warmup": float(self.in_warmup(step))}
 
     def state_dict(self) -> dict:
@@ -86,34 +87,36 @@ class AMFT(Method):
 
 
 def controller_step(cfg: Config, state: ControllerState, step: int, entropy: float | None,
-                    lookahead: tuple | None, utility: Callable[[], torch.Tensor]) -> dict:
+                    lookahead: tuple | None, utility: Callable[[], torch.Tensor], dot: algo.Dot = algo.local_dot) -> dict:
     """AMFT's μ update right after the step θ → θ' (DESIGN §1, steps 2–4). Returns balance/* metrics.
 
     entropy: the step's rollout entropy H. lookahead: (dθ'/dμ, Δ_SFT, Δ_RL) of that step,
     computed before it was taken, on meta-gradient steps (None otherwise). utility(): ∇U at θ' (P,).
+    dot: ⟨·,·⟩ of those vectors (with FSDP each process holds a part: parallel.Processes.dot).
     """
     metrics: dict = {"balance/meta_update": 0.0}
     if step >= cfg.amft.warmup_steps and entropy is not None and state.entropy_target is not None:
         state.entropy_term = algo.entropy_term(entropy, state.entropy_target, cfg.amft.eta_entropy)
         delta_meta = 0.0
         if lookahead is not None:
-            metrics.update(meta_step(cfg, state, lookahead, utility()))
+            metrics.update(meta_step(cfg, state, lookahead, utility(), dot))
             delta_meta = cfg.amft.eta_meta * state.meta_grad
         state.mu = algo.update_mu(state.mu, delta_meta, state.entropy_term, cfg.amft.mu_min, cfg.amft.mu_max)
     return {**metrics, "balance/meta_grad": state.meta_grad, "balance/entropy_term": state.entropy_term,
             "balance/entropy_target": state.entropy_target}
 
 
-def meta_step(cfg: Config, state: ControllerState, lookahead: tuple, grad_utility: torch.Tensor) -> dict:
+def meta_step(cfg: Config, state: ControllerState, lookahead: tuple, grad_utility: torch.Tensor,
+              dot: algo.Dot = algo.local_dot) -> dict:
     """dU(θ')/dμ = ⟨∇U(θ'), dθ'/dμ⟩ into state.meta_grad; returns what a researcher needs to trust
     it: the raw and cosine forms, cos(∇U, each signal's own step) and the signal the step favoured."""
     derivative, step_sft, step_rl = lookahead
-    raw = algo.meta_gradient(grad_utility, derivative, "raw")
-    normalised = algo.meta_gradient(grad_utility, derivative, "cosine")
+    raw = algo.meta_gradient(grad_utility, derivative, "raw", dot)
+    normalised = algo.meta_gradient(grad_utility, derivative, "cosine", dot)
     state.meta_grad = raw if cfg.amft.meta_grad_norm == "raw" else normalised
     return {"balance/meta_update": 1.0, "balance/meta_grad_raw": raw, "balance/meta_grad_cosine": normalised,
-            "balance/cos_utility_sft_step": algo.cosine(grad_utility, step_sft),
-            "balance/cos_utility_rl_step": algo.cosine(grad_utility, step_rl),
+            "balance/cos_utility_sft_step": algo.cosine(grad_utility, step_sft, dot),
+            "balance/cos_utility_rl_step": algo.cosine(grad_utility, step_rl, dot),
             "balance/meta_favours": 1.0 if raw > 0 else -1.0 if raw < 0 else 0.0}  # +1 SFT (μ up), −1 RL
 
 
@@ -127,7 +130,7 @@ def utility_grad(run: Run, method: Method) -> torch.Tensor:
         grads, _, _ = rl_signal(run, examples, method, PhaseTimer())
     else:
         grads, _, _ = sft_grads(policy, examples, cfg.train.micro_batch_size)
-    return -algo.flatten_grads(grads, policy.params)
+    return -policy.dist.flat(grads, policy.params)
 
 
 @torch.no_grad()

@@ -41,6 +41,7 @@ class Method:
     name = "base"
     uses_rollouts = True  # False: never samples, so no rollout engine is started
     entropy_grad = False  # True: the losses get token entropies in the graph (entropy bonus)
+    shardable = True      # False: not run with FSDP (sharding.py) yet, e.g. it steps its own optimizer
 
     def __init__(self, cfg: Config, policy: Policy) -> None:
         self.cfg = cfg

@@ -62,6 +62,8 @@ class HardestBuffer:
 
 @register("relift")
 class ReLIFT(Method):
+    shardable = False  # its own AdamW's state would need gathering for checkpoints (sharding.py)
+
     def __init__(self, cfg: Config, policy: Policy) -> None:
         super().__init__(cfg, policy)
         self.buffer = HardestBuffer()
