@@ -17,6 +17,10 @@ report is rewritten after every section, so a run cut short still leaves one):
                  download), full fine-tuning and LoRA, rollouts of 256 tokens
     sampler      tokens/s of our sampler vs transformers' model.generate, same bf16 model,
                  same batch, same number of new tokens
+    fsdp         2 processes sharded (FSDP2: `accelerate launch` with the math-qwen2.5
+                 accelerate config) vs 1 process, 8 tiny-math steps: the same μ, losses and
+                 rewards (tests/test_parallel.py does this on CPU over gloo). Needs 2 GPUs, one
+                 per process: on a one-GPU machine it records why it was skipped
 
 Peak GPU memory is recorded per section (torch.cuda.max_memory_allocated).
 
@@ -240,6 +244,40 @@ def section_sampler(args, work: Path) -> dict:
     return result
 
 
+def section_fsdp(args, work: Path) -> dict:
+    from amft_cli.cli import resolve_config
+    from amft_cli.data import prepare
+    from amft_cli.metrics import read_metrics
+
+    if args.device == "cuda" and torch.cuda.device_count() < 2:
+        return {"skipped": f"{torch.cuda.device_count()} GPU here: FSDP needs one GPU per process (2)"}
+    sets = [f"task.data_dir={work / 'tiny-math'}", f"model.path={work / 'tiny-math' / 'model'}",
+            "task.train_size=2000", f"model.device={args.device}", "amft.warmup_steps=2", "amft.meta_every=2",
+            "amft.meta_prompts=2", "train.prompts_per_step=4", "rl.group_size=4", "rl.max_new_tokens=12",
+            "train.sft_batch_size=16", "train.eval_at_end=false", "train.save_every=8",
+            "train.lr_schedule=constant", "task.reward=check:char_sum_reward"]
+    prepare(resolve_config("tiny-math", sets), log=lambda msg: None)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "gpu")])}
+    train = ["-m", "amft_cli", "train", "--preset", "tiny-math", *[a for s in sets for a in ("--set", s)],
+             "--steps", "8", "--plain", "--run-dir"]
+    launchers = {"one": [sys.executable],
+                 "fsdp": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(ROOT / "presets" / "math-qwen2.5.accelerate.yaml"), "--num_processes", "2"]}
+    out: dict = {}
+    for name, launcher in launchers.items():
+        done = subprocess.run([*launcher, *train, str(work / f"run-{name}")], cwd=work, env=env, capture_output=True,
+                              text=True, timeout=300)
+        if done.returncode != 0:
+            return {"ok": False, "error": f"{name}: exit {done.returncode}", "tail": (done.stdout + done.stderr)[-3000:]}
+        out[f"{name}_sharded"] = "FSDP: weights, gradients and optimizer state sharded" in done.stdout
+    one, two = (read_metrics(work / f"run-{name}") for name in launchers)
+    diff = {k: max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-6) for a, b in zip(one, two) if a.get(k) is not None)
+            for k in ("balance/mu", "loss/sft", "loss/total", "reward/mean", "optim/grad_norm")}
+    ok = len(one) == len(two) == 8 and out["fsdp_sharded"] and max(diff.values()) < 1e-3
+    return {**out, "steps": len(two), "meta_steps": sum(r.get("balance/meta_update", 0) for r in two),
+            "max_relative_difference": diff, "ok": ok}
+
+
 # ---------------------------------------------------------------------------
 # the run
 
@@ -291,7 +329,8 @@ def main(argv=None) -> int:
                     ("tiny_math", lambda: section_tiny_math(args, work)),
                     ("qwen_full", lambda: section_qwen(args, work, lora=False)),
                     ("qwen_lora", lambda: section_qwen(args, work, lora=True)),
-                    ("sampler", lambda: section_sampler(args, work))]
+                    ("sampler", lambda: section_sampler(args, work)),
+                    ("fsdp", lambda: section_fsdp(args, work))]
         for name, fn in sections:
             if name not in args.skip.split(","):
                 run_section(report, name, fn, args, out)
