@@ -268,8 +268,8 @@ class GridProgress:
         self._progress.stop()
 
     def event(self, cell: str, phase: str, done: int, total: int) -> None:
-        """cell reached `done` of `total` in phase 'train' (steps) or 'eval'. Off a terminal
-        a line is printed when a phase starts and at each quarter of its steps."""
+        """cell reached `done` of `total` in phase 'prepare' (the shared data), 'train' (steps) or
+        'eval'. Off a terminal a line is printed when a phase starts and at each quarter of its steps."""
         with self._lock:
             label = f"  {cell} {phase}"
             if cell not in self._bars:

@@ -230,6 +230,25 @@ def run_cell(grid: Grid, cell: Cell, env: dict, on_event: Callable[[Cell, str, i
     return outcome
 
 
+def prepare_shared(grid: Grid, cells: list[Cell], on_event: Callable[[Cell, str, int, int], None]) -> None:
+    """`amft prepare` once per data folder the unfinished cells share, before any of them starts:
+    cells started together would otherwise each build the same missing folder. Output in
+    sweeps/<name>/prepare.log; a failure stops the sweep with that log's name (exit 2)."""
+    from amft_cli.data import is_prepared
+
+    todo = {}
+    for cell in cells:
+        if train_state(cell) != "done" and not is_prepared(cell.config):
+            todo.setdefault((cell.config.task.data_dir, cell.config.model.path), cell)
+    log = grid.folder / "prepare.log"
+    for cell in todo.values():
+        on_event(cell, "prepare", 0, 1)
+        argv = [sys.executable, "-m", "amft_cli", "prepare", "--preset", grid.preset]
+        if _run_logged(argv + [a for s in cell.overrides for a in ("--set", s)], log, dict(os.environ),
+                       lambda step, total: None) != 0:
+            raise SweepError(f"preparing {cell.config.task.data_dir} failed: see {log}")
+
+
 def run_grid(grid: Grid, cells: list[Cell], jobs: int = 1,
              on_event: Callable[[Cell, str, int, int], None] = lambda *a: None,
              on_done: Callable[[Outcome], None] = lambda o: None) -> list[Outcome]:
@@ -352,6 +371,7 @@ def run(grid: Grid, jobs: int = 1, live: bool | None = None, console=None) -> tu
     for cell in cells:
         train_state(cell)
     with GridProgress(len(cells), console, live) as progress:
+        prepare_shared(grid, cells, lambda c, phase, done, total: progress.event(c.name, phase, done, total))
         outcomes = run_grid(grid, cells, jobs,
                             on_event=lambda c, phase, done, total: progress.event(c.name, phase, done, total),
                             on_done=lambda o: progress.done(o.cell.name,

@@ -191,13 +191,12 @@ def small_sets(data_dir: Path) -> list[str]:
 def test_tiny_sweep_end_to_end(tmp_path):
     args = ["sweep", "--preset", "tiny-math", "--algo", "sft,rl", "--seeds", "0,1", "--name", "t",
             "--limit", "4", "--k", "2", "--jobs", "2", "--json", *small_sets(tmp_path / "data")]
-    # Data prepared once first: two cells started together would each prepare the missing folder
-    # (a race seen under load; sweep does not yet prepare shared data itself).
-    prepared = subprocess.run([AMFT, "prepare", "--preset", "tiny-math", *small_sets(tmp_path / "data")],
-                              cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
-    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    # no data yet: the sweep prepares the shared folder once, before its two concurrent cells start
     first = subprocess.run([AMFT, *args], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
+    prepare_log = (tmp_path / "sweeps" / "t" / "prepare.log").read_text()
+    assert prepare_log.count("$ ") == 1 and "wrote" in prepare_log
+    assert not any("preparing first" in p.read_text() for p in (tmp_path / "sweeps" / "t" / "runs").glob("*/sweep.log"))
     table = json.loads(first.stdout)
     folder = tmp_path / "sweeps" / "t"
     assert json.loads((folder / "table.json").read_text()) == table
