@@ -231,11 +231,12 @@ def gate(thresholds: list[Threshold], blocks: dict) -> list[dict]:
 # sweep tables (amft sweep writes them; the dict comes from sweep.tabulate)
 
 
-def _cell_text(stat: dict | None, scale: float = 1.0, percent: bool = False) -> str:
-    """'4.4 ± 5.6' (mean ± half-width, times scale), the mean alone for one seed, '—' for none."""
+def _cell_text(stat: dict | None, scale: float = 1.0, one_decimal: bool = True) -> str:
+    """'4.4 ± 5.6' (mean ± half-width, times scale), the mean alone for one seed, '—' for none;
+    one_decimal=False: counts, '1,000 ± 0'."""
     if not stat or not stat.get("n"):
         return "—"
-    number = (lambda v: f"{scale * v:.1f}") if percent else (lambda v: _short(scale * v))
+    number = (lambda v: f"{scale * v:.1f}") if one_decimal else (lambda v: _short(scale * v))
     return number(stat["mean"]) + ("" if stat.get("half") is None else f" ± {number(stat['half'])}")
 
 
@@ -251,8 +252,8 @@ def sweep_markdown(table: dict) -> str:
     lines = ["| method | seeds | " + " | ".join(names) + " | train time (min) | rollouts |",
              "|---" * (len(names) + 4) + "|"]
     for row in table["rows"]:
-        cells = [_cell_text(row[c], 100, percent=True) for c in table["columns"]]
-        cells += [_cell_text(row["train_time_s"], 1 / 60), _cell_text(row["rollouts"])]
+        cells = [_cell_text(row[c], 100) for c in table["columns"]]
+        cells += [_cell_text(row["train_time_s"], 1 / 60), _cell_text(row["rollouts"], one_decimal=False)]
         lines.append(f"| `{row['algo']}` | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     lines += ["", f"Rates in %, mean ± half-width of the {table['interval']}; n = {table['n']} examples per "
                   f"split, k = {k} samples; train time = summed step times; rollouts = completions sampled."]

@@ -135,6 +135,7 @@ def test_table_means_and_t_intervals():
     md = report.sweep_markdown(table)
     assert "| `amft` | 3 | 4.4 ± 5.6 | 2.2 ± 2.8 | 100.0 ± 0.0 | 0.0 ± 0.0 |" in md
     assert "| 2.5 ± 1.2 | 1,000 ± 0 |" in md  # minutes: 150 s ± 74.5 s
+    assert "| 1.0 | — |" in md  # sft's one seed: 60 s is 1.0 min, not "1"; no rollouts
     assert "| `sft` | 1 | 2.6 |" in md and "ID avg@4" in md and "95 % t-interval" in md
     rows = report.sweep_csv(table).splitlines()
     assert rows[0].startswith("algo,n_seeds,id.greedy_mean,id.greedy_lo,id.greedy_hi,")
