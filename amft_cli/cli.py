@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from amft_cli import methods, parallel, report
-from amft_cli.config import Config, ConfigError, apply_overrides, field_help, list_presets, load_preset, validate
+from amft_cli.config import Config, ConfigError, validate
+from amft_cli.config_io import apply_overrides, field_help, list_presets, load_preset
 
 # transformers' per-shard "Loading weights" bars would tear through the live dashboard
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

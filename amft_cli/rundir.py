@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 from amft_cli import metrics
-from amft_cli.config import Config, load_preset
+from amft_cli.config import Config
+from amft_cli.config_io import load_preset
 from amft_cli.fsio import user_io
 
 CONFIG_FILE = "config.toml"

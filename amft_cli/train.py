@@ -31,7 +31,8 @@ import torch
 from amft_cli import algo, guard, methods, parallel, sharding
 from amft_cli.checkpoint import (checkpoint_dirs, load_trainer_state, restore_rng, rng_state,
                                  save_checkpoint)
-from amft_cli.config import Config, ConfigError, to_toml
+from amft_cli.config import Config, ConfigError
+from amft_cli.config_io import to_toml
 from amft_cli.data import load_split
 from amft_cli.fsio import user_io
 from amft_cli.methods.base import Method

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from amft_cli.config import Config, to_toml
+from amft_cli.config import Config
+from amft_cli.config_io import to_toml
 
 AMFT = str(Path(sys.executable).parent / "amft")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from amft_cli import plot
-from amft_cli.config import Config, to_toml
+from amft_cli.config import Config
+from amft_cli.config_io import to_toml
 from amft_cli.plot import PlotError, compare, compare_eval_figure, compare_figure, curriculum, curriculum_figure, ema
 
 WARMUP = 5

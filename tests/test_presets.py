@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from amft_cli import config
+from amft_cli import config, config_io
 from amft_cli.tasks import get_task
 from amft_cli.tasks.math import EVAL_SETS
 
@@ -24,7 +24,7 @@ PUBLISHED_AMFT = {"mu_init": 0.8, "mu_min": 0.05, "mu_max": 0.95, "eta_meta": 1e
 
 
 def load(path: Path) -> config.Config:
-    return config.validate(config.load_preset(str(path)))
+    return config.validate(config_io.load_preset(str(path)))
 
 
 def test_the_assigned_presets_exist():
@@ -40,15 +40,15 @@ def test_preset_loads_validates_and_is_documented(path):
     cfg = load(path)
     assert cfg.description.strip()
     assert path.read_text().startswith("#"), "a preset opens with a comment block saying what it is"
-    assert config.load_preset(path.stem) == cfg  # by name too, as `--preset NAME` finds it
+    assert config_io.load_preset(path.stem) == cfg  # by name too, as `--preset NAME` finds it
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=IDS)
 def test_preset_round_trips_through_to_toml(path, tmp_path):
     cfg = load(path)
     saved = tmp_path / "config.toml"
-    saved.write_text(config.to_toml(cfg))
-    assert config.load_preset(str(saved)) == cfg
+    saved.write_text(config_io.to_toml(cfg))
+    assert config_io.load_preset(str(saved)) == cfg
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=IDS)
@@ -65,13 +65,13 @@ def test_preset_is_consistent_with_its_task(path):
 @pytest.mark.parametrize("value", ['["math500","aime24"]', "[ 'math500', 'aime24' ]", "math500,aime24",
                                    "[math500, aime24]", " math500 , aime24 "])
 def test_set_reads_a_list_as_toml_or_as_comma_separated_words(value):
-    cfg = config.apply_overrides(config.Config(), [f"task.eval_sets={value}"])
+    cfg = config_io.apply_overrides(config.Config(), [f"task.eval_sets={value}"])
     assert cfg.task.eval_sets == ["math500", "aime24"]
 
 
 def test_set_with_broken_toml_list_is_a_one_line_error():
     with pytest.raises(config.ConfigError, match="task.eval_sets: expected list"):
-        config.apply_overrides(config.Config(), ['task.eval_sets=["math500", aime24]'])
+        config_io.apply_overrides(config.Config(), ['task.eval_sets=["math500", aime24]'])
 
 
 @pytest.mark.parametrize("path", [p for p in PRESETS if load(p).model.init == "tiny"],
@@ -88,7 +88,7 @@ def test_presets_that_share_a_folder_build_the_same_thing():
     data_dir (or tiny model path) with different tasks would train on each other's data."""
     by_data, by_model = defaultdict(list), defaultdict(list)
     for path in PRESETS:
-        cfg = config.to_dict(load(path))
+        cfg = config_io.to_dict(load(path))
         by_data[cfg["task"]["data_dir"]].append(cfg["task"])
         if cfg["model"]["init"] == "tiny":
             by_model[cfg["model"]["path"]].append((cfg["task"], cfg["model"]))

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from amft_cli.config import Config, to_toml
+from amft_cli.config import Config
+from amft_cli.config_io import to_toml
 from amft_cli.rundir import (RunDirError, checkpoints, eval_path, latest_run, read_config, read_eval,
                              read_metrics, resolve_checkpoint, samples_path)
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from amft_cli import methods, report, sweep
 from amft_cli.cli import app
-from amft_cli.config import to_toml
+from amft_cli.config_io import to_toml
 from amft_cli.sweep import Grid, SweepError
 
 AMFT = str(Path(sys.executable).parent / "amft")

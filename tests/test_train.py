@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from amft_cli.checkpoint import checkpoint_dirs, load_trainer_state, save_checkpoint
 from amft_cli.cli import resolve_config
-from amft_cli.config import Config, load_preset
+from amft_cli.config import Config
+from amft_cli.config_io import load_preset
 from amft_cli.data import prepare
 from amft_cli.metrics import read_metrics
 from amft_cli.policy import Policy

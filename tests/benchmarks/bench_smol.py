@@ -48,7 +48,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from amft_cli import algo
-    from amft_cli.config import load_preset
+    from amft_cli.config_io import load_preset
     from amft_cli.data import load_split
     from amft_cli.model import load_policy
     from amft_cli.policy import Policy, sequence_logprobs

@@ -47,7 +47,8 @@ WORKER_TAG = "TRL_STEP "
 
 def bench_config(algo: str, meta_every: int):
     """presets/tiny-math.toml with the benchmark's work; data paths made absolute."""
-    from amft_cli.config import apply_overrides, load_preset, validate
+    from amft_cli.config import validate
+    from amft_cli.config_io import apply_overrides, load_preset
 
     cfg = load_preset(str(ROOT / "presets" / "tiny-math.toml"))
     apply_overrides(cfg, [
