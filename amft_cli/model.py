@@ -250,8 +250,12 @@ def _from_pretrained(path: str, mcfg: ModelConfig, device: torch.device):
     """The plain causal LM of model.path `path`, with name_or_path as the user wrote it
     (a LoRA adapter saved later records it as its base, not a cache snapshot)."""
     folder = _resolve_folder(path, mcfg.local_copy)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[mcfg.dtype], device_map=device,
-                                                 local_files_only=True)
+    kernel = {} if mcfg.attention == "auto" else {"attn_implementation": mcfg.attention}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[mcfg.dtype], device_map=device,
+                                                     local_files_only=True, **kernel)
+    except ImportError as e:  # e.g. flash_attention_2 without the flash-attn package
+        raise ModelError(f"model.attention {mcfg.attention!r}: {str(e).splitlines()[0]}") from None
     # a hub id stays a hub id, unless the weights came from local_copy (maybe a converted GGUF)
     in_cache = not Path(path).expanduser().is_dir() and folder != Path(mcfg.local_copy)
     model.name_or_path = path if in_cache else str(folder.expanduser().resolve())

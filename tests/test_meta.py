@@ -155,6 +155,9 @@ class MetaProbe:
 
     def _update(self, policy, optimizers, g_sft, g_rl, mu, cfg, lr_scale):
         clone = Policy(copy.deepcopy(policy.model).double(), policy.tokenizer, policy.device)
+        # float64 under eager attention turns the fully masked rows of left padding into NaN (its
+        # additive mask overflows to -inf); sdpa handles them, and U is the same function of θ
+        clone.model.set_attn_implementation("sdpa")
         opts = make_optimizers(clone, cfg)
         for name, opt in opts.items():
             opt.load_state_dict(copy.deepcopy(optimizers[name].state_dict()))

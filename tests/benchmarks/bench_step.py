@@ -14,7 +14,8 @@ model folder of presets/tiny-math.toml, built by `amft prepare`):
 
 With --trl, TRL's GRPOTrainer does the same work on the same model folder,
 prompts and verifier (tiny_math.score), in fp32 without gradient checkpointing
-like ours (--trl-defaults keeps TRL's bf16 autocast and checkpointing), and the
+and with the same attention kernel as ours (the preset's model.attention)
+(--trl-defaults keeps TRL's bf16 autocast and checkpointing), and the
 table adds the ratio TRL / ours. TRL runs in this process when it imports here,
 otherwise as a subprocess of --trl-python (a venv with trl; amft_cli is reached
 through PYTHONPATH), with the same torch thread count.
@@ -125,7 +126,8 @@ def run_trl(total_steps: int, after_step: Callable[[dict], None], trl_defaults: 
     cfg = bench_config("rl", 10**9)
     rows = load_split(cfg, "train")[: PROMPTS * total_steps]
     dataset = Dataset.from_list([{"prompt": ex["prompt"], "answer": ex["answer"]} for ex in rows])
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
+    kernel = {} if cfg.model.attention == "auto" else {"attn_implementation": cfg.model.attention}
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32, **kernel)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     generated: list[tuple[float, int]] = []
     generate = model.generate
@@ -217,7 +219,8 @@ def versions() -> str:
     import torch
     import transformers
 
-    return f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} thread(s)"
+    return (f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} "
+            f"thread(s), attention {bench_config('rl', 1).model.attention} on both sides")
 
 
 def print_table(rows: list[dict], trl: dict | None) -> None:
