@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -37,7 +38,7 @@ from rich.table import Table
 from amft_cli.config import Config
 from amft_cli.data import load_split, prepare
 from amft_cli.fsio import user_io
-from amft_cli.rundir import split_files
+from amft_cli.rundir import RunLock, split_files
 from amft_cli.tasks import get_task
 from amft_cli.tasks.base import read_jsonl, write_jsonl
 from amft_cli.tasks.revision import run_episodes
@@ -311,9 +312,14 @@ def run_eval(cfg: Config, model_path: str | Path, out_dir: str | Path, which: st
                   limit=limit, batch_size=batch_size)
     sets = {split: load_split(cfg, split) for split in plan}
     data = {split: examples[:s["limit"]] if s["limit"] > 0 else examples for split, examples in sets.items()}
-    model, tokenizer = _load_model(cfg, model_path)
+    with RunLock(Path(out_dir), advice="wait for that evaluation to end or pass another --out"):
+        return _evaluate_sets(cfg, task, model_path, Path(out_dir), plan, sets, data, s, greedy_only, progress)
 
-    out_dir = Path(out_dir)
+
+def _evaluate_sets(cfg: Config, task, model_path, out_dir: Path, plan: dict, sets: dict, data: dict,
+                   s: dict, greedy_only: bool, progress: bool) -> dict[str, dict]:
+    """run_eval's work, holding out_dir's lock: each split's files replace the old ones whole."""
+    model, tokenizer = _load_model(cfg, model_path)
     results = {}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, disable=not progress) as bar:
@@ -327,10 +333,14 @@ def run_eval(cfg: Config, model_path: str | Path, out_dir: str | Path, which: st
             record = {"split": split, "task": cfg.task.name, "checkpoint": model_path, "set_size": len(sets[split]),
                       "settings": {**s, "k": split_k, "greedy_only": greedy_only}, "metrics": metrics}
             with user_io(out_dir, f"writing the {split} results"):
-                out_dir.mkdir(parents=True, exist_ok=True)
                 scores_file, samples_file = split_files(out_dir, split)
-                scores_file.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-                write_jsonl(samples_file, rows)
+                write_jsonl(samples_file, rows)  # each through a temp file renamed into place
+                tmp = scores_file.with_name(f".{scores_file.name}.tmp")
+                try:
+                    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+                    os.replace(tmp, scores_file)
+                finally:
+                    tmp.unlink(missing_ok=True)
             results[split] = metrics
     return results
 

@@ -55,10 +55,12 @@ class RunLock:
     start, command) so a refused second writer can say who has it; a clean exit
     empties it, so `stale` (the text a killed holder left) tells a crash apart.
     Re-entrant within a process: the CLI holds it and `train()` takes it again.
+    `amft eval` takes the same lock on the eval folder it writes (one evaluation at a
+    time per folder; training writes none of its files there); `advice` ends the refusal.
     """
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: Path, advice: str = "wait for it to end or pick another --run-dir"):
+        self.run_dir, self.advice = Path(run_dir), advice
         self.key = self.run_dir.absolute()
         self.stale = ""
 
@@ -79,7 +81,7 @@ class RunLock:
                 except BlockingIOError:
                     holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "starting up"
                     raise RunDirError(f"{self.run_dir} is in use by another amft process ({holder}); "
-                                      "wait for it to end or pick another --run-dir") from None
+                                      f"{self.advice}") from None
                 self.stale = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
                 holder = (f"{' '.join(['amft', *sys.argv[1:2]])}, pid {os.getpid()} on "
                           f"{socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")

@@ -2,16 +2,21 @@
 file, evaluate_split on a tiny fake task with a deterministic generate, and the
 files run_eval writes (model loading and generation replaced by fakes)."""
 
+import errno
 import json
+import subprocess
 import sys
 import types
 from math import comb
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from amft_cli import evaluate
 from amft_cli.config import Config
+from amft_cli.fsio import FileProblem
+from amft_cli.rundir import RunDirError
 from amft_cli.evaluate import (EvalError, batched_generate, evaluate_split, pass_at_k, results_table,
                                splits_for, summarize, table_rows)
 from amft_cli.tasks.base import Score, read_jsonl, write_jsonl
@@ -210,7 +215,9 @@ def test_run_eval_rejects_a_folder_that_is_not_a_model(tmp_path):
     assert f"{tmp_path}: not a model folder" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_run_eval_writes_metrics_settings_and_samples(tmp_path, monkeypatch):
+def scripted_eval(tmp_path, monkeypatch) -> tuple[Config, Path, list]:
+    """A config, a checkpoint folder and the sampler's seeds list of run_eval with the model replaced
+    by the scripted GREEDY/SAMPLED completions."""
     data = tmp_path / "data"
     write_jsonl(data / "test.jsonl", EXAMPLES)
     write_jsonl(data / "ood.jsonl", EXAMPLES[:2])
@@ -228,6 +235,11 @@ def test_run_eval_writes_metrics_settings_and_samples(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "get_task", lambda name: FAKE_TASK)
     cfg = Config()
     cfg.task.data_dir = str(data)
+    return cfg, ckpt, seeds
+
+
+def test_run_eval_writes_metrics_settings_and_samples(tmp_path, monkeypatch):
+    cfg, ckpt, seeds = scripted_eval(tmp_path, monkeypatch)
     results = evaluate.run_eval(cfg, ckpt, tmp_path / "eval", which="all", k=4, batch_size=8,
                                 seed=7, progress=False)
     assert list(results) == ["test", "ood"]
@@ -239,6 +251,44 @@ def test_run_eval_writes_metrics_settings_and_samples(tmp_path, monkeypatch):
     samples = read_jsonl(tmp_path / "eval" / "test.samples.jsonl")
     assert len(samples) == 3 * 4 + 3 and {"id", "prompt", "completion", "reward", "status"} <= set(samples[0])
     assert seeds[:2] == [7, 9]  # 8 // 4 = 2 prompts per chunk
+
+
+def test_a_second_evaluation_into_the_same_folder_is_refused_in_one_line(tmp_path, monkeypatch):
+    """One writer per eval folder: another process holding it (here a bare RunLock, as `amft eval`
+    takes) refuses this one before any work, naming the holder; once it ends, the eval runs."""
+    cfg, ckpt, _ = scripted_eval(tmp_path, monkeypatch)
+    out = tmp_path / "eval"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom amft_cli.rundir import RunLock\n"
+                               f"with RunLock({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirError) as e:
+            evaluate.run_eval(cfg, ckpt, out, which="id", k=2, progress=False)
+        message = str(e.value)
+        assert f"{out} is in use by another amft process" in message and f"pid {holder.pid}" in message
+        assert message.endswith("wait for that evaluation to end or pass another --out") and "\n" not in message
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert list(evaluate.run_eval(cfg, ckpt, out, which="id", k=2, progress=False)) == ["test"]
+
+
+def test_an_eval_write_that_fails_leaves_the_previous_scores_and_no_debris(tmp_path, monkeypatch):
+    cfg, ckpt, _ = scripted_eval(tmp_path, monkeypatch)
+    out = tmp_path / "eval"
+    evaluate.run_eval(cfg, ckpt, out, which="id", k=2, progress=False)
+    before = (out / "test.json").read_text()
+
+    def disk_full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(evaluate.os, "replace", disk_full)
+    with pytest.raises(FileProblem, match="writing the test results: no space left on device"):
+        evaluate.run_eval(cfg, ckpt, out, which="id", k=4, progress=False)
+    assert (out / "test.json").read_text() == before
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_results_table_formats_percentages_and_k():
