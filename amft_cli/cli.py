@@ -479,3 +479,5 @@ def main() -> None:
         err_console.print("[red]interrupted:[/] stopped by Ctrl-C (a run keeps its last checkpoint: "
                           "--resume continues it)", highlight=False, soft_wrap=True)
         sys.exit(130)
+    finally:
+        parallel.shutdown()

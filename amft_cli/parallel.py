@@ -202,3 +202,14 @@ def current() -> Processes:
             fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
             _current = Processes(state.num_processes, state.process_index, state.device, sharded=fsdp)
     return _current
+
+
+def shutdown() -> None:
+    """Leave the process group before the interpreter exits (what accelerate's end_training does):
+    left to torch's teardown at exit, a gloo process whose peer has already gone can abort with
+    "terminate called without an active exception" after a run that succeeded."""
+    if _current is not None and _current.count > 1:
+        import torch
+
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
