@@ -142,7 +142,7 @@ def test_demonstrations_score_correct_and_other_actions_wrong(fmt, compact, full
             assert (wrong.reward, wrong.status) == (-1.0, "wrong")
 
 
-def test_parsing_is_lenient_and_takes_the_last_action(full, compact):
+def test_full_parsing_is_lenient_and_compact_parsing_is_exact(full, compact):
     ex = next(e for e in full["train"] if e["answer"] == turn_action("northeast"))
     assert virl.score(ex, "Hmm, forward()? No. Action: Turn_Direction( 'North East' )").correct
     assert virl.score(ex, "turn_direction(north-east)\n").correct
@@ -151,8 +151,12 @@ def test_parsing_is_lenient_and_takes_the_last_action(full, compact):
     assert virl.score(ood, 'turn_direction("Slightly_Left")').correct
     assert virl.score(ood, "turn_direction(slightly right)").status == "wrong"
     cex = next(e for e in compact["train"] if e["answer"] == turn_action("northeast"))
-    assert virl.score(cex, " t:ne\n").correct
+    assert virl.score(cex, " t:ne\n").correct and virl.score(cex, "T : NE").correct
     assert virl.score(cex, "T:N").status == "wrong"
+    fex = next(e for e in compact["train"] if e["answer"] == FORWARD)
+    assert virl.score(fex, "F").correct
+    for junk in ("xF q", "F F", "T:NE F", "F.", "1F", "FS"):  # a code inside other text is no reply
+        assert virl.score(fex, junk).status == "malformed", junk
 
 
 def test_action_outside_the_rule_space_is_wrong(full):

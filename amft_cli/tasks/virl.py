@@ -36,6 +36,11 @@ Departures from the paper and the reference:
    subtracts compass degrees without wrapping and calls every change above
    +45 "right" and below -45 "left", so it labels e.g. north -> northwest
    (0 -> 315) "right" (6 of the 32 turns of this grid get a wrong label there).
+6. A compact reply is exactly one code (letter case and surrounding whitespace
+   aside), as its demonstrations are; anything else is malformed. Earlier
+   versions of this file took the last code anywhere in the reply, which let
+   unreadable samples (e.g. "xF q") score on the many forward steps (README's
+   tiny-virl sweep was scored that way). The full format stays lenient.
 """
 
 from __future__ import annotations
@@ -257,16 +262,18 @@ def _compact_prompt(route: dict, history: list[str], state: tuple[tuple[int, int
 _ARG = r"slightly[\s_-]*(?:left|right)|left|right|(?:north|south)(?:[\s_-]*(?:east|west))?|east|west"
 _FULL_RE = re.compile(r"(forward|stop)\s*\(\s*\)|turn_direction\s*\(\s*[\"']?(" + _ARG + r")[\"']?\s*\)",
                       re.IGNORECASE)
-_COMPACT_RE = re.compile(r"(?<![A-Z0-9:])(T\s*:\s*(?:NE|NW|SE|SW|SL|SR|N|E|S|W|L|R)|F|S)(?![A-Z0-9:])")
+_COMPACT_RE = re.compile(r"\s*(T\s*:\s*(?:NE|NW|SE|SW|SL|SR|N|E|S|W|L|R)|F|S)\s*")  # the whole reply
 _BY_CODE = {to_code(turn_action(x)): turn_action(x) for x in (*COMPASS, *RELATIVE)} | {"F": FORWARD, "S": STOP}
 
 
 def parse_action(completion: str, fmt: str) -> str | None:
-    """The last action in `completion` as a canonical action string, or None."""
+    """The action `completion` names, as a canonical action string, or None. Full format: the
+    last action call anywhere in the text. Compact: the reply must be exactly one code (letter
+    case and surrounding whitespace aside), as its demonstrations are."""
     text = completion[-MAX_COMPLETION_CHARS:]
     if fmt == "compact":
-        found = _COMPACT_RE.findall(text.upper())
-        return _BY_CODE[re.sub(r"\s+", "", found[-1])] if found else None
+        found = _COMPACT_RE.fullmatch(text.upper())
+        return _BY_CODE[re.sub(r"\s+", "", found.group(1))] if found else None
     found = list(_FULL_RE.finditer(text))
     if not found:
         return None
