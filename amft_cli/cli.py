@@ -462,9 +462,26 @@ def _interrupt(signum, frame):
 
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
+    signal.signal(signal.SIGINT, _interrupt)
+    code = 1
+    try:
+        _main()
+    except SystemExit as e:  # how typer and _main end
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if isinstance(e.code, str) and parallel.several():  # shutdown leaves before Python prints it
+            print(e.code, file=sys.stderr)
+        raise
+    except BaseException:
+        if parallel.several():  # a library's bug keeps its traceback
+            traceback.print_exc()
+        raise
+    finally:
+        parallel.shutdown(code)
+
+
+def _main() -> None:
     # ModelError, RunDirError, EvalError and PlotError are ValueErrors: importing their modules
     # here would load torch and transformers (~3 s) before every --help or one-line error.
-    signal.signal(signal.SIGINT, _interrupt)
     try:
         app()
     except (ValueError, FileNotFoundError) as e:
@@ -479,5 +496,3 @@ def main() -> None:
         err_console.print("[red]interrupted:[/] stopped by Ctrl-C (a run keeps its last checkpoint: "
                           "--resume continues it)", highlight=False, soft_wrap=True)
         sys.exit(130)
-    finally:
-        parallel.shutdown()

@@ -204,12 +204,34 @@ def current() -> Processes:
     return _current
 
 
-def shutdown() -> None:
-    """Leave the process group before the interpreter exits (what accelerate's end_training does):
-    left to torch's teardown at exit, a gloo process whose peer has already gone can abort with
-    "terminate called without an active exception" after a run that succeeded."""
-    if _current is not None and _current.count > 1:
-        import torch
+def several() -> bool:
+    """This process is one of several that have joined (without joining them)."""
+    return _current is not None and _current.count > 1
 
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+
+def shutdown(code: int) -> None:
+    """End a process of several with exit status `code`, without Python's interpreter teardown.
+
+    Why: a gloo worker thread that releases the tensors of a recent collective while the
+    interpreter tears down needs the GIL it can no longer get, and aborts the process ("terminate
+    called without an active exception", SIGABRT; core dump: ProcessGroupGloo::AsyncWork's
+    destructor in a runLoop thread while the main thread is in Py_FinalizeEx) after a run that
+    succeeded: 2 of 60 two-process `amft train` runs here. destroy_process_group would join those
+    threads first, but only when nothing else holds the group, and torch itself does:
+    torch.distributed.nn.functional takes `group.WORLD` as default arguments when imported
+    (transformers' model imports do, after the group exists), DTensor's sharding caches keep
+    FSDP's device mesh. So, as accelerate's end_training, leave the group; then run the
+    atexit handlers and flush, while Python still works, and exit. One process: nothing to do."""
+    if not several():
+        return
+    import atexit
+    import sys
+
+    import torch
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    atexit._run_exitfuncs()  # logging's flush, the verifier pool's close, ...
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)

@@ -44,8 +44,9 @@ from amft_runs import comparable, flags, one_line_error, tiny_sets
 BIN = Path(sys.executable).parent
 AMFT = str(BIN / "amft")
 FSDP_CONFIG = Path(__file__).resolve().parent.parent / "presets" / "math-qwen2.5.accelerate.yaml"
-# torchrun sets OMP_NUM_THREADS=1 per process; test_train's scrambled_reward gives an untrained model reward signal
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+# this checkout first (not whichever amft_cli is installed); test_train's scrambled_reward gives an untrained
+# model reward signal. torchrun sets OMP_NUM_THREADS=1 per process
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), str(Path(__file__).parent)])}
 STEPS = 12
 LAUNCHERS = {  # README's commands for two processes on CPUs
     "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
@@ -141,3 +142,37 @@ def test_fsdp_refuses_before_any_work_what_it_cannot_shard(sets, message):
         check_processes(cfg, Processes(count=2, sharded=True), None, None)
     base = resolve_config("tiny-math", ["train.prompts_per_step=4", "train.sft_batch_size=4", "amft.meta_prompts=2"])
     check_processes(base, Processes(count=2, sharded=True), None, None)  # the test run's settings pass
+
+
+LEAVE = '''
+import atexit, sys
+from amft_cli import parallel
+
+class Probe:
+    def __del__(self):  # runs in the interpreter's teardown, as __main__'s globals are cleared
+        print("teardown ran", flush=True)
+
+probe = Probe()
+atexit.register(print, "atexit ran")
+parallel.current().sum_floats([1.0])  # a collective: gloo's worker threads have run
+print("unflushed", end="")
+if sys.argv[1] != "none":
+    parallel.shutdown(int(sys.argv[1]))
+'''
+
+
+@pytest.mark.parametrize("code", ["none", "0", "3"])
+def test_processes_leave_without_the_interpreter_teardown(code, tmp_path):
+    """Several processes end in parallel.shutdown: atexit handlers run and output is flushed, the
+    exit status is the one asked for, and Python's teardown never runs (in it a gloo worker that
+    releases a collective's tensors aborts the process; see shutdown). "none": the probe does see
+    a normal teardown."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE)
+    result = subprocess.run([*LAUNCHERS["torchrun"], str(script), code], cwd=tmp_path, env=ENV, capture_output=True,
+                            text=True, timeout=300)
+    out = result.stdout + result.stderr
+    assert out.count("atexit ran") == 2 and out.count("unflushed") == 2, out
+    assert out.count("teardown ran") == (2 if code == "none" else 0), out
+    assert result.returncode == (1 if code == "3" else 0), out  # torchrun: 1 when a process failed,
+    assert ("exitcode  : 3" in out) == (code == "3"), out         # naming the process's own status
