@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from amft_cli import methods, parallel, report
+from amft_cli import cli_plot, methods, parallel, report
 from amft_cli.config import Config, ConfigError, validate
 from amft_cli.config_io import apply_overrides, field_help, list_presets, load_preset
 
@@ -64,9 +64,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions
                   help="AMFT: SFT and RL in one stage with a learned balance μ, and its baselines, in one engine."
                        "\n\nExample: amft train --preset tiny-math && amft eval --ood",
                   epilog=EXIT_CODES_HELP)
-plot_app = typer.Typer(help="Figures from run directories (PNG under RUN/plots/ by default)."
-                            "\n\nExample: amft plot curriculum runs/tiny-math")
-app.add_typer(plot_app, name="plot")
+app.add_typer(cli_plot.app, name="plot")
 
 PRESET = typer.Option(None, "--preset", "-p", metavar="NAME|FILE", help=f"Preset name in presets/ or a path to a "
                       f"TOML file (default: {DEFAULT_PRESET}). `amft presets` lists them.")
@@ -378,68 +376,6 @@ def sweep_cmd(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = S
         raise typer.Exit(report.EXIT_INTERRUPTED)
     if any(o.status == "failed" for o in outcomes):
         raise typer.Exit(report.EXIT_BUG)
-
-
-def _plot_run(run: Path | None) -> Path:
-    from amft_cli import rundir
-
-    if run is None:
-        run = rundir.latest_run()
-        console.print(f"[dim]using the most recent run: {run}[/]")
-    return run
-
-
-OUT = typer.Option(None, "--out", help="Output file (default RUN/plots/<figure>.<format>).")
-FMT = typer.Option("png", "--format", help="png | svg | pdf.")
-
-
-@plot_app.command("curriculum")
-def plot_curriculum(run: Optional[Path] = typer.Argument(None, help="Run directory (default: most recent)."),
-                    out: Optional[Path] = OUT, fmt: str = FMT):
-    """μ, reward/accuracy and entropy vs step; warm-up shaded, meta-updates marked, H* drawn.
-
-    Example: amft plot curriculum runs/tiny-math --format svg
-    """
-    from amft_cli import plot
-
-    console.print(f"wrote {plot.curriculum(_plot_run(run), out=out, fmt=fmt)}")
-
-
-@plot_app.command("compare")
-def plot_compare(runs: List[Path] = typer.Argument(..., help="Run directories to overlay."),
-                 out: Optional[Path] = OUT, fmt: str = FMT):
-    """Training curves of several runs overlaid, plus ID-vs-OOD bars when they have eval results.
-
-    Example: amft plot compare runs/tiny-gp runs/tiny-gp-sft runs/tiny-gp-rl
-    """
-    from amft_cli import plot
-
-    for path in plot.compare(runs, out=out, fmt=fmt):
-        console.print(f"wrote {path}")
-
-
-@plot_app.command("eval")
-def plot_eval(runs: List[Path] = typer.Argument(..., help="Run directories with eval results."),
-              out: Optional[Path] = OUT, fmt: str = FMT):
-    """A table figure of the runs' eval metrics.
-
-    Example: amft plot eval runs/tiny-gp runs/tiny-gp-sft
-    """
-    from amft_cli import plot
-
-    console.print(f"wrote {plot.eval_table(runs, out=out, fmt=fmt)}")
-
-
-@plot_app.command("sweep")
-def plot_sweep(folder: Path = typer.Argument(..., help="Sweep folder (sweeps/<name>) with its table.json."),
-               out: Optional[Path] = OUT, fmt: str = FMT):
-    """Per-method bars with 95 % intervals over seeds (ID and OOD), and learning curves with bands.
-
-    Example: amft plot sweep sweeps/tiny-gp
-    """
-    from amft_cli import plot
-
-    console.print(f"wrote {plot.sweep(folder, out=out, fmt=fmt)}")
 
 
 def _is_user_error(e: BaseException) -> bool:

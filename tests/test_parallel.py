@@ -31,7 +31,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from amft_cli.cli import resolve_config
