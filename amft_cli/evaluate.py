@@ -40,7 +40,7 @@ from amft_cli.data import load_split, prepare
 from amft_cli.fsio import user_io
 from amft_cli.rundir import RunLock, split_files
 from amft_cli.tasks import get_task
-from amft_cli.tasks.base import read_jsonl, write_jsonl
+from amft_cli.tasks.base import write_jsonl
 from amft_cli.tasks.revision import run_episodes
 
 GenerateFn = Callable[[list[str], int, bool], list[list[str]]]

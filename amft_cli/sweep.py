@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from amft_cli import methods, report, rundir
-from amft_cli.config import Config, ConfigError, validate
+from amft_cli.config import Config, validate
 from amft_cli.config_io import apply_overrides, load_preset, to_dict
 
 SWEEPS_ROOT = Path("sweeps")

@@ -33,7 +33,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 STATUSES = ("correct", "wrong", "illegal", "malformed", "timeout")
 
