@@ -39,7 +39,7 @@ from amft_cli.config import Config
 from amft_cli.data import load_split, prepare
 from amft_cli.fsio import user_io
 from amft_cli.rundir import RunLock, split_files
-from amft_cli.tasks import get_task
+from amft_cli.tasks import get_task, verifier_version
 from amft_cli.tasks.base import write_jsonl
 from amft_cli.tasks.revision import run_episodes
 
@@ -331,7 +331,8 @@ def _evaluate_sets(cfg: Config, task, model_path, out_dir: Path, plan: dict, set
             metrics, rows = evaluate_split(task, examples, generate_fn, k=split_k, verify_iter=cfg.task.verify_iter)
             metrics["ood"] = plan[split]["ood"]
             record = {"split": split, "task": cfg.task.name, "checkpoint": model_path, "set_size": len(sets[split]),
-                      "settings": {**s, "k": split_k, "greedy_only": greedy_only}, "metrics": metrics}
+                      "settings": {**s, "k": split_k, "greedy_only": greedy_only}, "metrics": metrics,
+                      "verifier": verifier_version()}
             with user_io(out_dir, f"writing the {split} results"):
                 scores_file, samples_file = split_files(out_dir, split)
                 write_jsonl(samples_file, rows)  # each through a temp file renamed into place

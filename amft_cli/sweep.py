@@ -9,7 +9,7 @@ process: the code path a user runs, memory returned between runs, Ctrl-C reachin
 every run's checkpoint handler, and `--jobs N` cells at once. Rerunning the same
 command continues a sweep: a finished run is not trained again, a run with a
 checkpoint short of its steps is resumed, and an eval already done on the final
-checkpoint with the same k and limit is kept. A cell whose run directory holds a
+checkpoint with the same k and limit, scored by the same verifier code, is kept. A cell whose run directory holds a
 run of a different config is refused (one line naming the keys), never replaced.
 
 The interval is Student's t over seeds: mean ± t(0.975, n−1) · s / √n
@@ -32,6 +32,7 @@ from typing import Callable
 from amft_cli import methods, report, rundir
 from amft_cli.config import Config, validate
 from amft_cli.config_io import apply_overrides, load_preset, to_dict
+from amft_cli.tasks import verifier_version
 
 SWEEPS_ROOT = Path("sweeps")
 METRICS = ("greedy", "avg@k", "pass@k")
@@ -140,7 +141,8 @@ def train_state(cell: Cell) -> str:
 
 
 def eval_done(cell: Cell, k: int | None, limit: int | None) -> bool:
-    """ID and OOD evaluated on the final checkpoint (written after it) with the requested k and limit."""
+    """ID and OOD evaluated on the final checkpoint (written after it) with the requested k and limit,
+    scored by this verifier code (tasks.verifier_version: a fixed parser re-scores old sweeps)."""
     saved = rundir.checkpoints(cell.run_dir)
     if not saved or not rundir.eval_dir(cell.run_dir).is_dir():
         return False
@@ -150,6 +152,7 @@ def eval_done(cell: Cell, k: int | None, limit: int | None) -> bool:
     for split, record in rundir.read_eval(cell.run_dir).items():
         if (Path(record.get("checkpoint", "")).name == final.name
                 and all(record["settings"].get(key) == value for key, value in want.items())
+                and record.get("verifier") == verifier_version()
                 and rundir.eval_path(cell.run_dir, split).stat().st_mtime >= final.stat().st_mtime):
             fresh.add(bool(record["metrics"].get("ood")))
     return fresh == {False, True}

@@ -19,6 +19,7 @@ from amft_cli import methods, report, sweep
 from amft_cli.cli import app
 from amft_cli.config_io import to_toml
 from amft_cli.sweep import Grid, SweepError
+from amft_cli.tasks import verifier_version
 
 AMFT = str(Path(sys.executable).parent / "amft")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -83,11 +84,12 @@ def test_a_run_of_another_config_is_refused(tmp_path):
         sweep.train_state(cell)
 
 
-def fake_eval(cell, step: int, k: int, limit: int) -> None:
+def fake_eval(cell, step: int, k: int, limit: int, verifier: str | None = None) -> None:
     (cell.run_dir / "eval").mkdir(exist_ok=True)
     for split, ood in (("test", False), ("ood", True)):
         record = {"split": split, "checkpoint": f"{cell.run_dir}/checkpoints/step-{step}",
-                  "settings": {"k": k, "limit": limit}, "metrics": {"greedy_accuracy": 0.5, "ood": ood}}
+                  "settings": {"k": k, "limit": limit}, "metrics": {"greedy_accuracy": 0.5, "ood": ood},
+                  "verifier": verifier or verifier_version()}
         (cell.run_dir / "eval" / f"{split}.json").write_text(json.dumps(record))
 
 
@@ -103,6 +105,32 @@ def test_an_eval_is_kept_only_on_the_final_checkpoint_with_the_same_settings(tmp
     final = cell.run_dir / "checkpoints" / "step-5"
     os.utime(final, (final.stat().st_atime, final.stat().st_mtime + 60))  # saved again after the eval (resumed)
     assert not sweep.eval_done(cell, None, None)
+
+
+def test_an_eval_scored_by_other_verifier_code_is_done_again(tmp_path):
+    """Scores from another version of the tasks' parsers and verifiers (or from before evals said
+    which) are not tabulated beside this version's."""
+    cell = Grid("g", "tiny-math", ["sft"], [0], ["train.steps=5"], root=tmp_path).cells()[0]
+    fake_run(cell, [5])
+    fake_eval(cell, 5, k=cell.config.eval.k, limit=cell.config.eval.limit)
+    assert sweep.eval_done(cell, None, None)
+    fake_eval(cell, 5, k=cell.config.eval.k, limit=cell.config.eval.limit, verifier="0123456789ab")
+    assert not sweep.eval_done(cell, None, None)
+
+
+def test_the_verifier_version_changes_with_the_tasks_code(tmp_path, monkeypatch):
+    import amft_cli.tasks as tasks
+
+    copy = tmp_path / "tasks"
+    copy.mkdir()
+    for path in Path(tasks.__file__).parent.glob("*.py"):
+        (copy / path.name).write_bytes(path.read_bytes())
+    this = verifier_version()
+    monkeypatch.setattr(tasks, "__file__", str(copy / "__init__.py"))
+    assert verifier_version() == this  # the same code
+    grader = copy / "math_grader.py"
+    grader.write_text(grader.read_text() + "\n# a fix\n")
+    assert verifier_version() != this
 
 
 # ---------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+from pathlib import Path
 from types import ModuleType
 
 TASKS = {
@@ -19,3 +21,13 @@ def get_task(name: str) -> ModuleType:
     if name not in TASKS:
         raise ValueError(f"task.name: unknown task {name!r} (known: {', '.join(TASKS)})")
     return importlib.import_module(TASKS[name])
+
+
+def verifier_version() -> str:
+    """A hash of this package's code (every task's parser, verifier and reward): stored with each
+    eval's scores, so `amft sweep` re-evaluates a cell scored by other code instead of tabulating
+    it beside cells scored by this one. Conservative: any edit under tasks/ counts as a change."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
