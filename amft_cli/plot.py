@@ -107,7 +107,20 @@ def _legend(ax: Axes) -> None:
 # amft plot curriculum
 
 
+def mu_limits(values: list[float], min_span: float = 0.02) -> tuple[float, float]:
+    """y-limits of a μ panel: zoomed to μ's range (AMFT's μ often moves within a few hundredths,
+    flat at a 0-1 scale) but at least `min_span` wide (μ's float noise is ~1e-7), and
+    inside [0, 1] plus a 0.02 margin."""
+    lo, hi = min(values), max(values)
+    if hi - lo < min_span:
+        lo, hi = (lo + hi - min_span) / 2, (lo + hi + min_span) / 2
+    shift = max(0.0, -lo) - max(0.0, hi - 1.0)  # a window past 0 or 1 slides back inside
+    return max(-0.02, lo + shift - 0.02), min(1.02, hi + shift + 0.02)
+
+
 def _mu_panel(ax: Axes, records: list[dict]) -> None:
+    """μ against step, its axis zoomed to μ after the warm-up (where the controller moves it);
+    a warm-up μ left outside that range is named in the panel."""
     steps, mu = series(records, "balance/mu")
     if not steps:
         _not_logged(ax, "μ")
@@ -118,7 +131,13 @@ def _mu_panel(ax: Axes, records: list[dict]) -> None:
     if updates:
         ax.plot(updates, [at_step[s] for s in updates], linestyle="none", marker="v",
                 color="tab:red", markersize=6, label="meta-gradient update")
-    ax.set_ylim(-0.02, 1.02)
+    warm = {r["step"] for r in records if r.get("balance/warmup")}
+    lo, hi = mu_limits([m for s, m in zip(steps, mu) if s not in warm] or mu)
+    ax.set_ylim(lo, hi)
+    hidden = sorted({m for s, m in zip(steps, mu) if s in warm and not lo <= m <= hi})
+    if hidden:
+        ax.text(0.01, 0.95, f"warm-up: μ = {', '.join(f'{m:g}' for m in hidden)} (off this scale)",
+                transform=ax.transAxes, va="top", fontsize=8, color="tab:blue")
     ax.set_ylabel("μ")
 
 
@@ -198,7 +217,9 @@ def compare_figure(run_dirs: list[Path]) -> Figure:
             _not_logged(ax, key)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[-1].set_ylim(-0.02, 1.02)
+    mus = [v for line in axes[-1].lines for v in line.get_ydata()]
+    if mus:
+        axes[-1].set_ylim(*mu_limits(mus))
     axes[-1].set_xlabel("step")
     handles = {line.get_label(): line for ax in axes for line in ax.lines}
     shown = [label for label in labels if label in handles]  # in the order the runs were named

@@ -85,6 +85,25 @@ def test_curriculum_series_equal_the_metrics_file(tmp_path):
     assert fig.axes[-1].get_xlabel() == "step"
 
 
+@pytest.mark.parametrize("values, limits", [([0.8, 0.83], (0.78, 0.85)), ([0.8], (0.77, 0.83)),
+                                            ([1.0], (0.96, 1.02)), ([0.0, 0.01], (-0.02, 0.04)),
+                                            ([0.0, 1.0], (-0.02, 1.02)), ([0.5, 0.9], (0.48, 0.92))])
+def test_mu_axis_zooms_to_mu_at_least_0_02_wide_inside_zero_one(values, limits):
+    assert plot.mu_limits(values) == pytest.approx(limits)
+
+
+def test_curriculum_and_compare_zoom_their_mu_axis(tmp_path):
+    """curriculum: to μ after the warm-up (the warm-up's μ = 1 named in the panel); compare: to
+    every run's μ."""
+    runs = [make_run(tmp_path, "a"), make_run(tmp_path, "b", algo="sft")]
+    after = [mu_at(s) for s in STEPS if s > WARMUP]  # 0.79 .. 0.65
+    mu_ax = curriculum_figure(runs[0]).axes[0]
+    assert mu_ax.get_ylim() == pytest.approx(plot.mu_limits(after))
+    assert plot.mu_limits(after) == pytest.approx((0.63, 0.81))
+    assert [t.get_text() for t in mu_ax.texts] == ["warm-up: μ = 1 (off this scale)"]
+    assert compare_figure(runs).axes[-1].get_ylim() == pytest.approx((0.63, 1.02))  # μ = 1: the warm-up, sft
+
+
 def test_curriculum_without_rewards_says_so_and_has_no_warmup_for_sft(tmp_path):
     fig = curriculum_figure(make_run(tmp_path, "r", algo="sft", rewards=False))
     reward_ax = fig.axes[1]
