@@ -155,7 +155,10 @@ probe = Probe()
 atexit.register(print, "atexit ran")
 parallel.current().sum_floats([1.0])  # a collective: gloo's worker threads have run
 print("unflushed", end="")
-if sys.argv[1] != "none":
+if sys.argv[1] == "none":  # the control: a normal exit (nothing holds the group here, its threads end)
+    import torch.distributed
+    torch.distributed.destroy_process_group()
+else:
     parallel.shutdown(int(sys.argv[1]))
 '''
 
