@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -139,28 +141,36 @@ def make_optimizers(policy: Policy, cfg: Config) -> dict[str, torch.optim.Optimi
 
 
 class StopFlag:
-    """First Ctrl-C asks the loop to checkpoint and stop after the current step; a second one aborts."""
+    """The first Ctrl-C or SIGTERM (a cluster scheduler's preemption notice; torchrun passes it
+    to every process) asks the loop to checkpoint and stop after the current step. A second one
+    aborts: Ctrl-C as the caller would have, SIGTERM by its default action (the process dies by
+    it; the last checkpoint, written atomically, stays)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self._previous: dict = {}
 
     def __enter__(self):
         def handler(signum, frame):
-            if self.requested:  # abort the way the caller would have (the CLI says so in one line)
-                if callable(self._previous):
-                    self._previous(signum, frame)
+            if not self.requested:
+                self.requested = True
+                return
+            if signum == signal.SIGINT:  # abort the way the caller would have (the CLI says so in one line)
+                if callable(self._previous.get(signum)):
+                    self._previous[signum](signum, frame)
                 raise KeyboardInterrupt
-            self.requested = True
-        try:
-            self._previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread
-            self._previous = None
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = {sig: signal.signal(sig, handler) for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            if previous is not None:  # None: a handler not set from Python, nothing to restore
+                signal.signal(sig, previous)
 
 
 @dataclass
