@@ -18,9 +18,11 @@ The interval is Student's t over seeds: mean ± t(0.975, n−1) · s / √n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -143,7 +145,7 @@ def train_state(cell: Cell) -> str:
 def eval_done(cell: Cell, k: int | None, limit: int | None) -> bool:
     """ID and OOD evaluated on the final checkpoint (written after it) with the requested k and limit,
     scored by this verifier code (tasks.verifier_version: a fixed parser re-scores old sweeps)."""
-    saved = rundir.checkpoints(cell.run_dir)
+    saved = rundir.checkpoints(cell.run_dir) if cell.run_dir.is_dir() else {}  # not started (a stopped sweep)
     if not saved or not rundir.eval_dir(cell.run_dir).is_dir():
         return False
     final = saved[max(saved)]
@@ -199,12 +201,49 @@ def _run_logged(argv: list[str], log: Path, env: dict, on_step: Callable[[int, i
         sink.write(f"$ {' '.join(argv)}\n")
         sink.flush()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        for line in proc.stdout:
-            sink.write(line)
-            match = PROGRESS_LINE.match(line)
-            if match:
-                on_step(int(match.group(1)), int(match.group(2)))
-        return proc.wait()
+        with _LIVE_LOCK:
+            _LIVE.add(proc)
+            if _TERMINATED.is_set():  # started just as the sweep was told to stop
+                proc.send_signal(signal.SIGTERM)
+        try:
+            for line in proc.stdout:
+                sink.write(line)
+                match = PROGRESS_LINE.match(line)
+                if match:
+                    on_step(int(match.group(1)), int(match.group(2)))
+            return proc.wait()
+        finally:
+            with _LIVE_LOCK:
+                _LIVE.discard(proc)
+
+
+_LIVE: set[subprocess.Popen] = set()  # the cells' processes running now (SIGTERM is passed on to them)
+_LIVE_LOCK = threading.Lock()
+_TERMINATED = threading.Event()
+STOP_CODES = (report.EXIT_INTERRUPTED, -signal.SIGINT, -signal.SIGTERM)  # a cell asked to stop, not failed
+
+
+@contextlib.contextmanager
+def _pass_on_sigterm(stop: threading.Event):
+    """A SIGTERM sent to the sweep alone (`kill PID`; a terminal's Ctrl-C reaches every process
+    already) goes on to the running cells, which checkpoint and stop; no new cell starts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        stop.set()
+        with _LIVE_LOCK:
+            _TERMINATED.set()
+            for proc in _LIVE:
+                proc.send_signal(signum)
+
+    _TERMINATED.clear()
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_cell(grid: Grid, cell: Cell, env: dict, on_event: Callable[[Cell, str, int, int], None]) -> Outcome:
@@ -220,14 +259,14 @@ def run_cell(grid: Grid, cell: Cell, env: dict, on_event: Callable[[Cell, str, i
         code = _run_logged(train_argv(grid, cell, state), log, env,
                            lambda step, total: on_event(cell, "train", step, total))
         if code != 0:
-            outcome.status = "interrupted" if code == report.EXIT_INTERRUPTED else "failed"
+            outcome.status = "interrupted" if code in STOP_CODES else "failed"
             outcome.returncode = code
             return outcome
     if not eval_done(cell, grid.k, grid.limit):
         on_event(cell, "eval", 0, 1)
         code = _run_logged(eval_argv(grid, cell), log, env, lambda step, total: None)
         if code != 0:
-            outcome.status = "interrupted" if code == report.EXIT_INTERRUPTED else "failed"
+            outcome.status = "interrupted" if code in STOP_CODES else "failed"
             outcome.returncode = code
             return outcome
         outcome.evaluated = True
@@ -270,7 +309,7 @@ def run_grid(grid: Grid, cells: list[Cell], jobs: int = 1,
         on_done(outcome)
         return outcome
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool, _pass_on_sigterm(stop):
         futures = [pool.submit(work, cell) for cell in cells]
         try:
             for future in futures:

@@ -4,11 +4,14 @@ a tiny real grid runs end to end through the CLI and `amft plot sweep` draws it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from amft_cli import methods, report, sweep
+from amft_cli.checkpoint import checkpoint_dirs
 from amft_cli.cli import app
 from amft_cli.config_io import to_toml
 from amft_cli.sweep import Grid, SweepError
@@ -256,3 +260,28 @@ def test_tiny_sweep_end_to_end(tmp_path):
     plotted = CliRunner().invoke(app, ["plot", "sweep", str(folder)])
     assert plotted.exit_code == 0, plotted.output
     assert (folder / "plots" / "sweep.png").is_file()
+
+
+def test_sigterm_to_the_sweep_stops_its_running_cell_with_a_checkpoint(tmp_path):
+    """`kill PID` of the sweep alone: the running cell gets the SIGTERM, ends its step with a
+    checkpoint and exits; no further cell starts, no cell process is left behind, and the sweep
+    exits 130 (rerunning it resumes)."""
+    folder = tmp_path / "sweeps" / "t"
+    args = ["sweep", "--preset", "tiny-math", "--algo", "sft,rl", "--seeds", "0", "--name", "t", "--plain",
+            *small_sets(tmp_path / "data"), "--set", "train.steps=400", "--set", "train.save_every=1000"]
+    proc = subprocess.Popen([AMFT, *args], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = folder / "runs" / "sft-s0" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    reached = max(checkpoint_dirs(folder / "runs" / "sft-s0"))
+    log = (folder / "runs" / "sft-s0" / "sweep.log").read_text()
+    assert 3 <= reached < 400 and f"interrupted: checkpoint sweeps/t/runs/sft-s0/checkpoints/step-{reached}" in log
+    assert not (folder / "runs" / "rl-s0").exists()  # no new cell after the signal
+    with open(folder / "runs" / "sft-s0" / ".lock") as f:  # the cell's process has ended (its lock is free)
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
