@@ -150,11 +150,11 @@ def eval_done(cell: Cell, k: int | None, limit: int | None) -> bool:
         return False
     final = saved[max(saved)]
     want = {"k": cell.config.eval.k if k is None else k, "limit": cell.config.eval.limit if limit is None else limit}
-    fresh = set()
+    fresh, verifier = set(), verifier_version()
     for split, record in rundir.read_eval(cell.run_dir).items():
         if (Path(record.get("checkpoint", "")).name == final.name
                 and all(record["settings"].get(key) == value for key, value in want.items())
-                and record.get("verifier") == verifier_version()
+                and record.get("verifier") == verifier
                 and rundir.eval_path(cell.run_dir, split).stat().st_mtime >= final.stat().st_mtime):
             fresh.add(bool(record["metrics"].get("ood")))
     return fresh == {False, True}

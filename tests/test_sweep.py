@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from amft_cli.cli import app
 from amft_cli.config_io import to_toml
 from amft_cli.sweep import Grid, SweepError
 from amft_cli.tasks import verifier_version
+from amft_runs import wait_until
 
 AMFT = str(Path(sys.executable).parent / "amft")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -272,10 +272,9 @@ def test_sigterm_to_the_sweep_stops_its_running_cell_with_a_checkpoint(tmp_path)
     proc = subprocess.Popen([AMFT, *args], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     metrics = folder / "runs" / "sft-s0" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+    wait_until(lambda: (metrics.is_file() and metrics.read_text().count("\n") >= 3) or proc.poll() is not None,
+               timeout=300)
+    assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]
