@@ -18,7 +18,8 @@ import torch
 
 from amft_cli import algo
 from amft_cli.config import Config
-from amft_cli.model import encode_completion, encode_prompt, keep_freed_memory, load_policy, resolve_device
+from amft_cli.encoding import encode_completion, encode_prompt
+from amft_cli.model import keep_freed_memory, load_policy, resolve_device
 from amft_cli.parallel import Processes
 from amft_cli.rollout import cache_of, forward, left_pad
 

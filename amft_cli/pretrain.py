@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from amft_cli.model import encode_completion, encode_prompt
+from amft_cli.encoding import encode_completion, encode_prompt
 
 
 def _sft_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int):

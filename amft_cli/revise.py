@@ -20,7 +20,7 @@ Sampled through the run's rollout backend (rollout.RolloutBackend), one call per
 from __future__ import annotations
 
 from amft_cli.config import Config
-from amft_cli.model import encode_prompt, encode_transcript
+from amft_cli.encoding import encode_prompt, encode_transcript
 from amft_cli.policy import Policy
 from amft_cli.rollout import RolloutBackend, Rollouts, row_uniforms
 from amft_cli.tasks.revision import Conversation, Episode, run_episodes

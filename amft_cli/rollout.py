@@ -341,7 +341,7 @@ def sample_texts(model, tokenizer, prompts: list, n: int, *, greedy: bool, tempe
                  seed: int) -> list[list[str]]:
     """Completion texts, n per prompt (for eval). A prompt is a task prompt or a revision
     Conversation (tasks/revision.py). Seeded, so eval is reproducible."""
-    from amft_cli.model import encode_prompt, encode_transcript
+    from amft_cli.encoding import encode_prompt, encode_transcript
 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -16,7 +16,8 @@ import torch
 from amft_cli.cli import resolve_config
 from amft_cli.config import ModelConfig
 from amft_cli.data import prepare
-from amft_cli.model import build_tiny_model, encode_prompt, load_policy
+from amft_cli.encoding import encode_prompt
+from amft_cli.model import build_tiny_model, load_policy
 from amft_cli.rollout import generate
 from amft_cli.train import setup, train_step
 

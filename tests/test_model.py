@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from amft_cli.config import ModelConfig
-from amft_cli.model import (ModelError, build_tiny_model, count_parameters, encode_completion,
-                            encode_prompt, load_policy, resolve_device, save_policy)
+from amft_cli.encoding import encode_completion, encode_prompt
+from amft_cli.model import ModelError, build_tiny_model, count_parameters, load_policy, resolve_device, save_policy
 
 torch.set_num_threads(1)
 

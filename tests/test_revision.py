@@ -10,7 +10,8 @@ import torch
 
 from amft_cli.config import ModelConfig, TaskConfig
 from amft_cli.evaluate import evaluate_split
-from amft_cli.model import build_tiny_model, encode_prompt, encode_transcript, load_policy, plain_transcript
+from amft_cli.encoding import encode_prompt, encode_transcript, plain_transcript
+from amft_cli.model import build_tiny_model, load_policy
 from amft_cli.policy import Policy, group_runs, sequence_logprobs
 from amft_cli.revise import episodes_to_rollouts
 from amft_cli.tasks import gp, virl

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from amft_cli.config import ModelConfig
-from amft_cli.model import build_tiny_model, encode_prompt, load_policy
+from amft_cli.encoding import encode_prompt
+from amft_cli.model import build_tiny_model, load_policy
 from amft_cli import rollout
 from amft_cli.rollout import _sample, generate
 

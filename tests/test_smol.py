@@ -19,7 +19,8 @@ import torch
 
 from amft_cli.cli import resolve_config
 from amft_cli.data import prepare
-from amft_cli.model import encode_prompt, end_of_turn_id, load_policy
+from amft_cli.encoding import encode_prompt
+from amft_cli.model import end_of_turn_id, load_policy
 from amft_cli.pretrained import SOURCE_FILE, FetchError, fetch_model, has_model
 from amft_cli.rollout import stop_ids
 from test_train import AMFT, ENV

@@ -210,7 +210,8 @@ def section_qwen(args, work: Path, lora: bool) -> dict:
 def section_sampler(args, work: Path) -> dict:
     """Our sampler vs model.generate: same bf16 model, prompts and number of new tokens (eos off)."""
     from amft_cli.data import load_split
-    from amft_cli.model import encode_prompt, load_policy
+    from amft_cli.encoding import encode_prompt
+    from amft_cli.model import load_policy
     from amft_cli.rollout import _generate_batch, left_pad
 
     cfg = qwen_config(args, work, lora=False)
