@@ -1,5 +1,5 @@
 """Results for people and scripts: exit codes, the headline JSON of `--json`, `--fail-under`
-gates, t-intervals over seeds and the sweep table's Markdown/CSV.
+gates, t-intervals over seeds and the sweep table (its rows, Markdown and CSV).
 
 `amft eval --json` (and `train`, `sweep`) print ONE JSON document on stdout;
 its headline block per split, and per scope "id" / "ood", is
@@ -228,7 +228,42 @@ def gate(thresholds: list[Threshold], blocks: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------
-# sweep tables (amft sweep writes them; the dict comes from sweep.tabulate)
+# sweep tables (amft sweep writes them)
+
+SWEEP_METRICS = ("greedy", "avg@k", "pass@k")
+SWEEP_EXTRA_METRICS = ("step_accuracy",)  # tabulated when every run of the sweep reports it
+
+
+def _sweep_columns(records: list[dict]) -> list[tuple[str, str]]:
+    """(scope, metric) columns: the headline trio ID and OOD, plus extras every record has."""
+    scopes = [s for s in SCOPES if any(s in r for r in records)]
+    extras = [m for m in SWEEP_EXTRA_METRICS if records and all(m in r.get(s, {}) for r in records for s in scopes)]
+    return [(s, m) for s in scopes for m in (*SWEEP_METRICS, *extras)]
+
+
+def sweep_table(grid, records: list[dict]) -> dict:
+    """The table of a sweep.Grid's evaluated runs (records: sweep.cell_record). Per method, in
+    --algo order: mean and 95 % t-interval over its seeds of every column, train time and
+    rollouts. The runs themselves are listed too."""
+    columns = _sweep_columns(records)
+    rows = []
+    for algo in grid.algos:
+        mine = [r for r in records if r["algo"] == algo]
+        if not mine:
+            continue
+        row = {"algo": algo, "seeds": [r["seed"] for r in mine]}
+        for scope, metric in columns:
+            row[f"{scope}.{metric}"] = t_interval([r[scope][metric] for r in mine if metric in r.get(scope, {})])
+        for key in ("train_time_s", "rollouts"):
+            values = [r[key] for r in mine if r.get(key) is not None]
+            row[key] = t_interval(values) if values else None
+        rows.append(row)
+    ks = sorted({r[s].get("k") for r in records for s in SCOPES if s in r})
+    ns = sorted({r[s].get("n") for r in records for s in SCOPES if s in r})
+    return {"sweep": grid.name, "preset": grid.preset, "algos": grid.algos, "seeds": grid.seeds,
+            "overrides": grid.overrides, "k": ks[0] if len(ks) == 1 else ks, "n": ns[0] if len(ns) == 1 else ns,
+            "interval": INTERVAL_TEXT, "columns": [f"{s}.{m}" for s, m in columns], "rows": rows,
+            "runs": records}
 
 
 def _cell_text(stat: dict | None, scale: float = 1.0, one_decimal: bool = True) -> str:

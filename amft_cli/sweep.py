@@ -37,8 +37,6 @@ from amft_cli.config_io import apply_overrides, load_preset, to_dict
 from amft_cli.tasks import verifier_version
 
 SWEEPS_ROOT = Path("sweeps")
-METRICS = ("greedy", "avg@k", "pass@k")
-EXTRA_METRICS = ("step_accuracy",)  # tabulated when every run of the sweep reports it
 PROGRESS_LINE = re.compile(r"^step (\d+)/(\d+)\b")
 
 
@@ -340,37 +338,6 @@ def cell_record(cell: Cell, k: int | None, limit: int | None) -> dict | None:
             **report.run_totals(rundir.read_metrics(cell.run_dir))}
 
 
-def _columns(records: list[dict]) -> list[tuple[str, str]]:
-    """(scope, metric) columns: the headline trio ID and OOD, plus extras every record has."""
-    scopes = [s for s in report.SCOPES if any(s in r for r in records)]
-    extras = [m for m in EXTRA_METRICS if records and all(m in r.get(s, {}) for r in records for s in scopes)]
-    return [(s, m) for s in scopes for m in (*METRICS, *extras)]
-
-
-def tabulate(grid: Grid, records: list[dict]) -> dict:
-    """Per method, in --algo order: mean and 95 % t-interval over its seeds of every column, train
-    time and rollouts. The runs themselves are listed too."""
-    columns = _columns(records)
-    rows = []
-    for algo in grid.algos:
-        mine = [r for r in records if r["algo"] == algo]
-        if not mine:
-            continue
-        row = {"algo": algo, "seeds": [r["seed"] for r in mine]}
-        for scope, metric in columns:
-            row[f"{scope}.{metric}"] = report.t_interval([r[scope][metric] for r in mine if metric in r.get(scope, {})])
-        for key in ("train_time_s", "rollouts"):
-            values = [r[key] for r in mine if r.get(key) is not None]
-            row[key] = report.t_interval(values) if values else None
-        rows.append(row)
-    ks = sorted({r[s].get("k") for r in records for s in report.SCOPES if s in r})
-    ns = sorted({r[s].get("n") for r in records for s in report.SCOPES if s in r})
-    return {"sweep": grid.name, "preset": grid.preset, "algos": grid.algos, "seeds": grid.seeds,
-            "overrides": grid.overrides, "k": ks[0] if len(ks) == 1 else ks, "n": ns[0] if len(ns) == 1 else ns,
-            "interval": report.INTERVAL_TEXT, "columns": [f"{s}.{m}" for s, m in columns], "rows": rows,
-            "runs": records}
-
-
 def table_paths(folder: Path) -> list[Path]:
     return [folder / "table.json", folder / "table.csv", folder / "table.md"]
 
@@ -420,6 +387,6 @@ def run(grid: Grid, jobs: int = 1, live: bool | None = None, console=None) -> tu
                             on_done=lambda o: progress.done(o.cell.name,
                                                             _describe(o, cell_record(o.cell, grid.k, grid.limit))))
     records = [r for r in (cell_record(c, grid.k, grid.limit) for c in cells) if r is not None]
-    table = {**tabulate(grid, records), "files": [str(p) for p in table_paths(grid.folder)]}
+    table = {**report.sweep_table(grid, records), "files": [str(p) for p in table_paths(grid.folder)]}
     write_tables(table, grid.folder)
     return table, outcomes

@@ -151,7 +151,7 @@ def test_table_means_and_t_intervals():
     grid = Grid("g", "tiny-gp", ["amft", "sft"], [0, 1, 2])
     records = [record("sft", 0, 0.026, 0.0, 60.0, None), record("amft", 0, 0.056, 0.0, 120.0, 1000),
                record("amft", 1, 0.018, 0.0, 150.0, 1000), record("amft", 2, 0.058, 0.0, 180.0, 1000)]
-    table = sweep.tabulate(grid, records)
+    table = report.sweep_table(grid, records)
     assert [r["algo"] for r in table["rows"]] == ["amft", "sft"]
     amft = table["rows"][0]
     # mean 0.044; s = sqrt((0.012² + 0.026² + 0.014²) / 2) = 0.0225389; half = 4.3027 · s / √3 = 0.0559902
@@ -185,7 +185,7 @@ def test_plot_sweep_draws_means_intervals_seeds_and_bands(tmp_path):
     grid = Grid("s", "tiny-gp", ["amft", "sft"], [0, 1], root=tmp_path)
     records = [record("amft", 0, 0.2, 0.1, 60.0, 100), record("amft", 1, 0.4, 0.1, 60.0, 100),
                record("sft", 0, 0.3, 0.0, 30.0, 0), record("sft", 1, 0.5, 0.2, 30.0, 0)]
-    sweep.write_tables(sweep.tabulate(grid, records), grid.folder)
+    sweep.write_tables(report.sweep_table(grid, records), grid.folder)
     for algo, seed, accuracy in (("amft", 0, 0.0), ("amft", 1, 1.0), ("sft", 0, None), ("sft", 1, None)):
         run = sweep_cell_dir(grid.folder, algo, seed)
         run.mkdir(parents=True)
