@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from amft_cli import cli_plot, methods, parallel, report
+from amft_cli.cli_options import DEFAULT_PRESET, FAIL_UNDER, JSON_OUT, PRESET, SEED, SET
 from amft_cli.config import Config, ConfigError, validate
 from amft_cli.config_io import apply_overrides, field_help, list_presets, load_preset
 
@@ -31,32 +32,6 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # where 1 thread took 0.5-0.6 s. Read when torch loads (after this line, lazily).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-
-
-def _show_flags_as_flags() -> None:
-    """Show `--ood`, not `--ood <bool>`, in --help.
-
-    typer 0.29 vendors click (typer._click) and its rich help prints a type column
-    for EVERY option via TyperOption.display_type_rich, flags included; typer 0.28's
-    rich help skipped bool metavars, and typer's own plain formatter
-    (TyperOption.get_help_record) still skips `is_flag` options. A flag takes no
-    value, so it gets no type. Versions without that method are left alone.
-    """
-    from typer.core import TyperOption
-
-    shown = getattr(TyperOption, "display_type_rich", None)
-    if shown is None or getattr(shown, "flags_as_flags", False):
-        return
-
-    def display_type_rich(self, ctx):
-        return None if self.is_flag else shown(self, ctx)
-    display_type_rich.flags_as_flags = True
-    TyperOption.display_type_rich = display_type_rich
-
-
-_show_flags_as_flags()
-
-DEFAULT_PRESET = "tiny-math"
 console = Console()
 err_console = Console(stderr=True)
 EXIT_CODES_HELP = "\b\nExit codes:\n" + report.exit_code_table()
@@ -65,19 +40,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions
                        "\n\nExample: amft train --preset tiny-math && amft eval --ood",
                   epilog=EXIT_CODES_HELP)
 app.add_typer(cli_plot.app, name="plot")
-
-PRESET = typer.Option(None, "--preset", "-p", metavar="NAME|FILE", help=f"Preset name in presets/ or a path to a "
-                      f"TOML file (default: {DEFAULT_PRESET}). `amft presets` lists them.")
-SET = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help="Override a config key, e.g. --set "
-                   "train.lr=1e-5 (repeatable; type-checked). `amft presets --keys` lists every key.")
-SEED = typer.Option(None, "--seed", help="Global seed (data order, sampling, LoRA init); same as --set seed=N. "
-                    "A tiny base model is built with one fixed seed, so every --seed fine-tunes the same base.")
-JSON_OUT = typer.Option(False, "--json", help="Print one JSON document of the headline results on stdout and "
-                        "nothing else there (progress and messages go to stderr).")
-FAIL_UNDER = typer.Option(None, "--fail-under", metavar="METRIC=VALUE", help="Exit with code 3 when METRIC is "
-                          "below VALUE, e.g. id.greedy=0.9 or ood.avg@8=0.1 (repeatable). METRIC is SCOPE.NAME: "
-                          "scope id, ood or a set name; name greedy, avg@k, pass@k (or avg@K/pass@K with the "
-                          "eval's K), reward, step_accuracy, route_success.")
 
 
 @contextlib.contextmanager

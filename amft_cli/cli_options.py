@@ -1,0 +1,45 @@
+"""The options several `amft` commands share, and one fix to how typer's help shows flags."""
+
+from __future__ import annotations
+
+import typer
+
+DEFAULT_PRESET = "tiny-math"
+
+
+def _show_flags_as_flags() -> None:
+    """Show `--ood`, not `--ood <bool>`, in --help.
+
+    typer 0.29 vendors click (typer._click) and its rich help prints a type column
+    for EVERY option via TyperOption.display_type_rich, flags included; typer 0.28's
+    rich help skipped bool metavars, and typer's own plain formatter
+    (TyperOption.get_help_record) still skips `is_flag` options. A flag takes no
+    value, so it gets no type. Versions without that method are left alone.
+    """
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "flags_as_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+    display_type_rich.flags_as_flags = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_show_flags_as_flags()
+
+
+PRESET = typer.Option(None, "--preset", "-p", metavar="NAME|FILE", help=f"Preset name in presets/ or a path to a "
+                      f"TOML file (default: {DEFAULT_PRESET}). `amft presets` lists them.")
+SET = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help="Override a config key, e.g. --set "
+                   "train.lr=1e-5 (repeatable; type-checked). `amft presets --keys` lists every key.")
+SEED = typer.Option(None, "--seed", help="Global seed (data order, sampling, LoRA init); same as --set seed=N. "
+                    "A tiny base model is built with one fixed seed, so every --seed fine-tunes the same base.")
+JSON_OUT = typer.Option(False, "--json", help="Print one JSON document of the headline results on stdout and "
+                        "nothing else there (progress and messages go to stderr).")
+FAIL_UNDER = typer.Option(None, "--fail-under", metavar="METRIC=VALUE", help="Exit with code 3 when METRIC is "
+                          "below VALUE, e.g. id.greedy=0.9 or ood.avg@8=0.1 (repeatable). METRIC is SCOPE.NAME: "
+                          "scope id, ood or a set name; name greedy, avg@k, pass@k (or avg@K/pass@K with the "
+                          "eval's K), reward, step_accuracy, route_success.")
