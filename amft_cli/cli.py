@@ -350,17 +350,24 @@ def _is_user_error(e: BaseException) -> bool:
 
 
 class Interrupted(BaseException):
-    """Ctrl-C outside the training loop's own handler (typer turns a KeyboardInterrupt into a
-    silent exit 130, so main's handler raises this instead and says what happened)."""
+    """Ctrl-C, or SIGTERM in a single process, outside the training loop's own handler (typer
+    turns a KeyboardInterrupt into a silent exit 130, so main's handler raises this instead and
+    says what happened); `finally` blocks run, e.g. `amft prepare` removes its half-built model."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _interrupt(signum, frame):
-    raise Interrupted
+    raise Interrupted(signum)
 
 
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
     signal.signal(signal.SIGINT, _interrupt)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # torchrun's SIGTERM to several must end them at once
+        signal.signal(signal.SIGTERM, _interrupt)
     code = 1
     try:
         _main()
@@ -390,7 +397,8 @@ def _main() -> None:
         # escaped: a message's "[a, b]" is text, not rich markup
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except (Interrupted, KeyboardInterrupt):
-        err_console.print("[red]interrupted:[/] stopped by Ctrl-C (a run keeps its last checkpoint: "
+    except (Interrupted, KeyboardInterrupt) as e:
+        by = "SIGTERM" if getattr(e, "signum", None) == signal.SIGTERM else "Ctrl-C"
+        err_console.print(f"[red]interrupted:[/] stopped by {by} (a run keeps its last checkpoint: "
                           "--resume continues it)", highlight=False, soft_wrap=True)
         sys.exit(130)

@@ -40,7 +40,7 @@ EXIT_CODES = {
     EXIT_BUG: "unexpected error: a bug, shown with its traceback",
     EXIT_USAGE: "usage or input error: one line on stderr names it",
     EXIT_BELOW_THRESHOLD: "a --fail-under threshold not met: one stderr line each",
-    EXIT_INTERRUPTED: "interrupted (Ctrl-C; SIGTERM while training); train checkpoints first",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C or SIGTERM); train checkpoints first",
 }
 
 

@@ -271,10 +271,12 @@ def run_cell(grid: Grid, cell: Cell, env: dict, on_event: Callable[[Cell, str, i
     return outcome
 
 
-def prepare_shared(grid: Grid, cells: list[Cell], on_event: Callable[[Cell, str, int, int], None]) -> None:
+def prepare_shared(grid: Grid, cells: list[Cell],
+                   on_event: Callable[[Cell, str, int, int], None]) -> Outcome | None:
     """`amft prepare` once per data folder the unfinished cells share, before any of them starts:
     cells started together would otherwise each build the same missing folder. Output in
-    sweeps/<name>/prepare.log; a failure stops the sweep with that log's name (exit 2)."""
+    sweeps/<name>/prepare.log; a failure stops the sweep with that log's name (exit 2). Returns
+    the "interrupted" outcome of the cell it prepared for when a prepare was stopped, else None."""
     from amft_cli.data import is_prepared
 
     todo = {}
@@ -285,17 +287,22 @@ def prepare_shared(grid: Grid, cells: list[Cell], on_event: Callable[[Cell, str,
     for cell in todo.values():
         on_event(cell, "prepare", 0, 1)
         argv = [sys.executable, "-m", "amft_cli", "prepare", "--preset", grid.preset]
-        if _run_logged(argv + [a for s in cell.overrides for a in ("--set", s)], log, dict(os.environ),
-                       lambda step, total: None) != 0:
+        code = _run_logged(argv + [a for s in cell.overrides for a in ("--set", s)], log, dict(os.environ),
+                           lambda step, total: None)
+        if code in STOP_CODES:
+            return Outcome(cell, "interrupted", returncode=code)
+        if code != 0:
             raise SweepError(f"preparing {cell.config.task.data_dir} failed: see {log}")
+    return None
 
 
 def run_grid(grid: Grid, cells: list[Cell], jobs: int = 1,
              on_event: Callable[[Cell, str, int, int], None] = lambda *a: None,
-             on_done: Callable[[Outcome], None] = lambda o: None) -> list[Outcome]:
+             on_done: Callable[[Outcome], None] = lambda o: None,
+             stop: threading.Event | None = None) -> list[Outcome]:
     """Every cell, `jobs` at a time, in grid order. After an interrupted cell no new cell starts
-    (the running ones got the same Ctrl-C and checkpoint too)."""
-    env, stop = _child_env(jobs), threading.Event()
+    (the running ones got the same Ctrl-C and checkpoint too); nor once `stop` is set."""
+    env, stop = _child_env(jobs), stop or threading.Event()
     outcomes: list[Outcome] = []
 
     def work(cell: Cell) -> Outcome | None:
@@ -307,7 +314,7 @@ def run_grid(grid: Grid, cells: list[Cell], jobs: int = 1,
         on_done(outcome)
         return outcome
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool, _pass_on_sigterm(stop):
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = [pool.submit(work, cell) for cell in cells]
         try:
             for future in futures:
@@ -380,12 +387,16 @@ def run(grid: Grid, jobs: int = 1, live: bool | None = None, console=None) -> tu
     cells = grid.cells()
     for cell in cells:
         train_state(cell)
-    with GridProgress(len(cells), console, live) as progress:
-        prepare_shared(grid, cells, lambda c, phase, done, total: progress.event(c.name, phase, done, total))
-        outcomes = run_grid(grid, cells, jobs,
-                            on_event=lambda c, phase, done, total: progress.event(c.name, phase, done, total),
-                            on_done=lambda o: progress.done(o.cell.name,
-                                                            _describe(o, cell_record(o.cell, grid.k, grid.limit))))
+    stop = threading.Event()
+    with GridProgress(len(cells), console, live) as progress, _pass_on_sigterm(stop):
+        on_event = lambda c, phase, done, total: progress.event(c.name, phase, done, total)  # noqa: E731
+        stopped = prepare_shared(grid, cells, on_event)
+        if stopped:
+            progress.done(stopped.cell.name, f"preparing the shared data stopped (exit {stopped.returncode}); "
+                                             "no run started, rerun the sweep to continue")
+        outcomes = [stopped] if stopped else run_grid(
+            grid, cells, jobs, on_event=on_event, stop=stop,
+            on_done=lambda o: progress.done(o.cell.name, _describe(o, cell_record(o.cell, grid.k, grid.limit))))
     records = [r for r in (cell_record(c, grid.k, grid.limit) for c in cells) if r is not None]
     table = {**report.sweep_table(grid, records), "files": [str(p) for p in table_paths(grid.folder)]}
     write_tables(table, grid.folder)

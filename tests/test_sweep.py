@@ -284,3 +284,39 @@ def test_sigterm_to_the_sweep_stops_its_running_cell_with_a_checkpoint(tmp_path)
     assert not (folder / "runs" / "rl-s0").exists()  # no new cell after the signal
     with open(folder / "runs" / "sft-s0" / ".lock") as f:  # the cell's process has ended (its lock is free)
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:  # ended meanwhile
+            pass
+    return pids
+
+
+def test_sigterm_while_the_sweep_prepares_stops_the_prepare_without_debris(tmp_path):
+    """`kill PID` of the sweep while its shared `amft prepare` builds the tiny model: the prepare
+    gets the SIGTERM, removes its half-built model folder and exits; the sweep says so, starts no
+    run and exits 130. Before, the sweep died and its prepare went on as an orphan."""
+    data = tmp_path / "data"
+    sets = [f"task.data_dir={data}", f"model.path={data / 'model'}", "task.train_size=200", "task.val_size=8",
+            "task.test_size=8", "task.ood_size=8", "task.pretrain_size=200", "model.pretrain_steps=100000",
+            "model.pretrain_batch_size=4"]
+    args = ["sweep", "--preset", "tiny-gp", "--algo", "sft", "--seeds", "0", "--name", "t", "--plain",
+            *[a for s in sets for a in ("--set", s)]]
+    proc = subprocess.Popen([AMFT, *args], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_until(lambda: (data.is_dir() and any(data.glob(".model-*"))) or proc.poll() is not None, timeout=300)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "preparing the shared data stopped" in out + err, (out, err)
+    assert "interrupted: stopped by SIGTERM" in (tmp_path / "sweeps" / "t" / "prepare.log").read_text()
+    assert not list(data.glob(".model-*")) and not (data / "model").exists()  # no half-built model left
+    assert not (tmp_path / "sweeps" / "t" / "runs").exists()  # no run started
+    assert not _processes_mentioning(str(data))  # the prepare has ended too
+
