@@ -186,13 +186,21 @@ def add_demonstrations(policy: Policy, rollouts: Rollouts, examples: list[dict])
 
 
 def rollout_stats(run: Run, batch: RLBatch, rollout_s: float) -> dict:
-    """reward/* and rollout/* metrics over the rows the policy sampled itself, on every process."""
+    """reward/* and rollout/* metrics over the rows the policy sampled itself, on every process;
+    reward/zero_std_frac over whole groups as the advantages see them (a demonstration included):
+    the share of groups whose rewards are all equal, to which GRPO gives no signal (TRL logs it
+    as frac_reward_zero_std)."""
     r = batch.rollouts
     rows = run.gather([(batch.rewards[i].item(), batch.statuses[i] == "correct", len(r.completion_ids[i]),
                         r.finished[i]) for i, off in enumerate(r.off_policy) if not off])
     rewards, lengths = torch.tensor([row[0] for row in rows], dtype=batch.rewards.dtype), [row[2] for row in rows]
+    by_group: dict[int, list[float]] = {}
+    for g, reward in zip(r.group, batch.rewards.tolist()):
+        by_group.setdefault(g, []).append(reward)
+    flat = run.gather([max(v) == min(v) for v in by_group.values()])  # groups never straddle processes
     return {
         "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+        "reward/zero_std_frac": sum(flat) / len(flat),
         "reward/accuracy": sum(row[1] for row in rows) / len(rows),
         "rollout/len_mean": sum(lengths) / len(rows),
         "rollout/truncated_frac": 1.0 - sum(row[3] for row in rows) / len(rows),

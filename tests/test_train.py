@@ -102,10 +102,28 @@ def test_rl_has_no_demonstrations_and_mu_zero(tmp_path, data_dir):
     assert all(r["balance/mu"] == 0.0 for r in records)
     assert not any("loss/sft" in r or "policy/entropy_demo" in r for r in records)
     assert all(RL_KEYS <= r.keys() and r["reward/std"] > 0 for r in records)
+    assert all(0.0 <= r["reward/zero_std_frac"] < 1.0 for r in records)  # 4 groups: some carry signal
     assert [r["rollout/total"] for r in records] == [16 * s for s in range(1, 13)]  # 4 prompts × 4 samples a step
     before = weights(data_dir / "model")
     after = weights(tmp_path / "run" / "checkpoints" / "step-12")
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the RL gradient reached the weights
+
+
+def test_zero_std_frac_counts_whole_groups_whose_rewards_are_all_equal():
+    """Groups as the advantages see them: group 0 all equal (no signal), group 1 mixed, group 2 one
+    sampled failure beside a rewarded demonstration (signal: LUFFY's point)."""
+    from amft_cli.rollout import Rollouts
+    from amft_cli.signals import RLBatch, rollout_stats
+
+    rollouts = Rollouts([[1]] * 7, [[2]] * 7, [""] * 7, [True] * 7, group=[0, 0, 1, 1, 1, 2, 2],
+                        off_policy=[False] * 6 + [True])
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+    batch = RLBatch(rollouts, [{}] * 7, rewards, ["correct"] * 7, torch.zeros(7), 7.0, 7)
+
+    class OneProcess:
+        gather = staticmethod(lambda items: items)
+
+    assert rollout_stats(OneProcess(), batch, 1.0)["reward/zero_std_frac"] == pytest.approx(1 / 3)
 
 
 def test_sft_rl_switches_at_the_configured_step(tmp_path, data_dir):
