@@ -32,7 +32,8 @@ HISTORY = 60  # sparkline length: the last ~60 steps
 
 # (metric key, short label, decimals or None for the adaptive number format)
 SPARK_KEYS = [("reward/mean", "reward", None), ("reward/accuracy", "accuracy", 2),
-              ("policy/entropy", "entropy", None), ("balance/mu", "mu", 3)]
+              ("reward/zero_std_frac", "no signal", 2), ("policy/entropy", "entropy", None),
+              ("balance/mu", "mu", 3)]
 PLAIN_KEYS = [("balance/mu", "mu", 3), ("reward/mean", "reward", None),
               ("reward/accuracy", "acc", 2), ("policy/entropy", "H", None)]
 LOSS_KEYS = ["loss/sft", "loss/rl"]

@@ -1,6 +1,7 @@
 """The dashboard: sparklines, the plain log line, plain and live modes."""
 
 import io
+import re
 import subprocess
 import sys
 
@@ -117,7 +118,8 @@ def test_live_mode_renders_the_step_counter_mu_and_losses():
                    total_steps=5, console=console, live=True) as dash:
         for step in range(1, 6):
             dash.update(step, {**_fake_metrics(step), "reward/accuracy": 0.25, "policy/entropy": 1.5,
-                               "rollout/tokens_per_s": 12345.0, "time/step_s": 0.2})
+                               "rollout/tokens_per_s": 12345.0, "time/step_s": 0.2,
+                               "reward/zero_std_frac": 0.125 * step})
         dash.message("warm-up done, H*=1.23")
     text = console.export_text()
     assert "step 5/5" in text and "100%" in text
@@ -125,6 +127,7 @@ def test_live_mode_renders_the_step_counter_mu_and_losses():
     assert "run demo" in text and "preset tiny-math" in text
     assert "12,345" in text and "warm-up done, H*=1.23" in text
     assert "█▆▅▃▁" in text  # mu's sparkline row for 0.79 .. 0.75
+    assert re.search(r"no signal +▁▃▅▆█ +0\.62", text)  # groups without GRPO signal, 0.125 .. 0.625
 
 
 def test_modules_do_not_import_torch():
