@@ -384,6 +384,10 @@ def main() -> None:
         parallel.shutdown(code)
 
 
+AFTER_INTERRUPT = {"train": "a run keeps its last checkpoint: --resume continues it",
+                   "sweep": "finished cells are kept: the same command continues"}
+
+
 def _main() -> None:
     # ModelError, RunDirError, EvalError and PlotError are ValueErrors: importing their modules
     # here would load torch and transformers (~3 s) before every --help or one-line error.
@@ -399,6 +403,7 @@ def _main() -> None:
         sys.exit(2)
     except (Interrupted, KeyboardInterrupt) as e:
         by = "SIGTERM" if getattr(e, "signum", None) == signal.SIGTERM else "Ctrl-C"
-        err_console.print(f"[red]interrupted:[/] stopped by {by} (a run keeps its last checkpoint: "
-                          "--resume continues it)", highlight=False, soft_wrap=True)
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        hint = AFTER_INTERRUPT.get(command, "nothing half-written is kept: run the command again")
+        err_console.print(f"[red]interrupted:[/] stopped by {by} ({hint})", highlight=False, soft_wrap=True)
         sys.exit(130)

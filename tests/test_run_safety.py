@@ -74,6 +74,7 @@ def test_ctrl_c_during_start_up(tiny_data, tmp_path):
     assert proc.returncode == 130, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("interrupted: stopped by Ctrl-C"), err
+    assert lines[0].endswith("(a run keeps its last checkpoint: --resume continues it)")  # the hint for train
     assert "Traceback" not in out + err
     assert holder(run) == "" and not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
 
