@@ -13,9 +13,10 @@ How it follows the policy (as TRL does):
   so the policy's weights are pushed straight into vLLM's model with
   `llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights`,
   one tensor at a time, after every optimizer step (`sync_weights`).
-- A LoRA policy is merged first (peft `merge_adapter`), its names stripped of
-  `base_model.model.` and `.base_layer`, the adapter tensors skipped, and unmerged
-  after the push, so training goes on with the adapters.
+- A LoRA policy is pushed merged (rollout.merged_lora: W + ΔW as new tensors, so
+  unlike TRL's in-place merge_adapter/unmerge_adapter the frozen base is never
+  written), its names stripped of `base_model.model.` and `.base_layer`, the
+  adapter tensors skipped; training goes on with the adapters.
 - Sleep mode (rl.vllm_sleep) shares the GPU with training: level 2 frees vLLM's
   weights and KV cache between rollouts; since level 2 discards the weights, they
   are pushed again before the next generation.
@@ -28,13 +29,12 @@ How it follows the policy (as TRL does):
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 
 import torch
 
-from amft_cli.rollout import Rollouts, stop_ids, to_rollouts
+from amft_cli.rollout import Rollouts, merged_lora, stop_ids, to_rollouts
 
 
 def _distributed_env() -> None:
@@ -47,22 +47,9 @@ def _distributed_env() -> None:
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
-@contextlib.contextmanager
-def merged_adapters(model):
-    """A peft model's adapters merged into its base weights for the duration (no-op otherwise)."""
-    if not hasattr(model, "merge_adapter"):
-        yield
-        return
-    model.merge_adapter()
-    try:
-        yield
-    finally:
-        model.unmerge_adapter()
-
-
 def named_weights(model):
     """(name, tensor) pairs as a plain Hugging Face model names them, one at a time. Inside
-    `merged_adapters(model)` a peft model yields its merged weights."""
+    `merged_lora(model)` a peft model yields its merged weights."""
     prefix = getattr(model, "prefix", "lora_")
     for name, param in model.named_parameters():
         name = name.removeprefix("base_model.model.").replace(".base_layer", "")
@@ -103,7 +90,7 @@ class VLLMBackend:
             torch.cuda.empty_cache()
             self.llm.wake_up(tags=["weights"])
         runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
-        with merged_adapters(self.model), torch.no_grad():
+        with merged_lora(self.model), torch.no_grad():
             for name, tensor in named_weights(self.model):
                 runner.model.load_weights([(name, tensor)])
         self.llm.reset_prefix_cache()

@@ -10,6 +10,8 @@ the first and the ratio to the row's baseline. The ratios are the claim, not the
     rollout  ours        rollout.generate: P prompts × G samples, ≤ N new tokens (fp32)
     rollout  hf          model.generate with the same prompts, samples and stop tokens
     rollout  ours bf16   rollout.generate under bf16 autocast
+    rollout  lora        LoRA r16 on every linear layer, sampled through the adapters
+    rollout  lora merged the same LoRA model through merged weights (model.lora_merge_sampling)
     loss     packed      forward+backward of the GRPO batch, each row prompt + completion
     loss     shared      the same through policy.shared_prompt_logits (prompt once per group)
     loss     shared bf16 the same under bf16 autocast
@@ -71,11 +73,11 @@ def main() -> None:
     batch = generate(full, tok, prompts, args.group, **sample)  # the GRPO batch the loss rows reuse
     tokens = {"n": batch.num_tokens}
 
-    def ours(autocast: bool):
+    def ours(model, autocast: bool = False, merge_lora: bool = False):
         def run():
             ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.no_grad()
             with ctx:
-                tokens["n"] = generate(full, tok, prompts, args.group, **sample).num_tokens
+                tokens["n"] = generate(model, tok, prompts, args.group, merge_lora=merge_lora, **sample).num_tokens
         return run
 
     def hf():
@@ -87,16 +89,18 @@ def main() -> None:
                                 eos_token_id=stop_ids(full, tok), pad_token_id=tok.pad_token_id, top_k=0)
         tokens["n"] = int((out[:, ids.shape[1]:] != tok.pad_token_id).sum())
 
-    def loss(policy: Policy, group: int):
+    def loss(policy: Policy, shared: bool):
+        group = batch.group if shared else None  # shared: each group's prompt runs once
         def run():
-            lp, _, mask = sequence_logprobs(policy, batch.prompt_ids, batch.completion_ids, group_size=group)
+            lp, _, mask = sequence_logprobs(policy, batch.prompt_ids, batch.completion_ids, group=group)
             algo.sft_loss(lp, mask, mask.sum()).backward()
             policy.model.zero_grad(set_to_none=True)
         return run
 
-    rows = {"rollout ours": ours(False), "rollout hf generate": hf, "rollout ours bf16": ours(True),
-            "loss packed": loss(policies["full"], 1), "loss shared": loss(policies["full"], args.group),
-            "loss shared bf16": loss(policies["bf16"], args.group), "loss lora": loss(policies["lora"], args.group)}
+    rows = {"rollout ours": ours(full), "rollout hf generate": hf, "rollout ours bf16": ours(full, autocast=True),
+            "rollout lora": ours(lora), "rollout lora merged": ours(lora, merge_lora=True),
+            "loss packed": loss(policies["full"], False), "loss shared": loss(policies["full"], True),
+            "loss shared bf16": loss(policies["bf16"], True), "loss lora": loss(policies["lora"], True)}
     times: dict[str, list[float]] = {k: [] for k in rows}
     toks: dict[str, list[int]] = {k: [] for k in rows}
     for r in range(args.rounds + 1):
