@@ -266,14 +266,16 @@ def clip_factor(norm: float, max_norm: float) -> float:
 
 
 def adamw_step(theta: torch.Tensor, grad: torch.Tensor, opt: AdamW, max_norm: float = 0.0,
-               dot: Dot = local_dot) -> torch.Tensor:
+               dot: Dot = local_dot, grad_norm: float | None = None) -> torch.Tensor:
     """θ_new − θ of one full-weight AdamW step on `grad` (clipped first). theta, grad (P,) -> (P,).
 
     −lr·(λ·θ + m̂/(√v̂ + ε)) with m, v after adding the clipped gradient, as torch computes it.
+    Element-wise but for the clip factor: given grad_norm (‖grad‖ of the whole vector), the
+    arguments may be any slice of it, with opt's moments sliced alike (train.update_derivative).
     """
     beta1, beta2 = opt.betas
     bc1, bc2 = opt.bias_corrections()
-    g = grad.float() * clip_factor(norm_of(grad, dot), max_norm)
+    g = grad.float() * clip_factor(norm_of(grad, dot) if grad_norm is None else grad_norm, max_norm)
     m = beta1 * opt.exp_avg + (1 - beta1) * g
     v = beta2 * opt.exp_avg_sq + (1 - beta2) * g * g
     return -opt.lr * (opt.weight_decay * theta.float() + (m / bc1) / (v.sqrt() / bc2 ** 0.5 + opt.eps))
@@ -292,7 +294,8 @@ def update_derivative_split(step_sft: torch.Tensor, step_rl: torch.Tensor, mu: f
 
 
 def update_derivative_shared(grad_sft: torch.Tensor, grad_rl: torch.Tensor, mu: float, opt: AdamW,
-                             max_norm: float = 0.0, dot: Dot = local_dot) -> torch.Tensor:
+                             max_norm: float = 0.0, dot: Dot = local_dot,
+                             grad_dots: tuple[float, float, float] | None = None) -> torch.Tensor:
     """dθ'/dμ in shared mode: one AdamW step on g(μ) = μ·g_SFT + (1−μ)·g_RL. grads (P,) -> (P,).
 
     With c(μ) the clip factor and ĝ = c·g: m = β₁m₀ + (1−β₁)ĝ, v = β₂v₀ + (1−β₂)ĝ²,
@@ -300,15 +303,19 @@ def update_derivative_shared(grad_sft: torch.Tensor, grad_rl: torch.Tensor, mu: 
         dĝ = c·δ + c'·g,   c' = −max_norm·⟨g, δ⟩ / (‖g‖·(‖g‖ + 1e-6)²) when clipping (else 0),
         dθ'/dμ = −(α/bc₁)·(dm·D − m·dD)/D²,   dm = (1−β₁)·dĝ,   dD = (1−β₂)·ĝ·dĝ/(√v·√bc₂).
     Weight decay does not depend on μ. Coordinates with v = 0 have ĝ = 0 and dD = 0.
+    Element-wise but for ‖g‖ and ⟨g, δ⟩, which come from grad_dots = (⟨g_SFT, g_SFT⟩,
+    ⟨g_RL, g_RL⟩, ⟨g_SFT, g_RL⟩) of the whole vectors: given those, the arguments may be any
+    slice of them (with opt's moments sliced alike); None: computed here with `dot`.
     """
     beta1, beta2 = opt.betas
     bc1, bc2 = opt.bias_corrections()
     g_sft, g_rl = grad_sft.float(), grad_rl.float()
     g, dg = mu * g_sft + (1.0 - mu) * g_rl, g_sft - g_rl
-    norm = norm_of(g, dot)
+    ss, rr, sr = grad_dots or (dot(g_sft, g_sft), dot(g_rl, g_rl), dot(g_sft, g_rl))
+    norm = math.sqrt(max(mu * mu * ss + 2 * mu * (1 - mu) * sr + (1 - mu) ** 2 * rr, 0.0))  # ‖g‖; NaN carries
     c, dc = clip_factor(norm, max_norm), 0.0
-    if c < 1.0:
-        dc = -max_norm * dot(g, dg) / (max(norm, 1e-30) * (norm + 1e-6) ** 2)
+    if c < 1.0:  # ⟨g, δ⟩ = μ⟨s,s⟩ − (1−μ)⟨r,r⟩ + (1 − 2μ)⟨s,r⟩
+        dc = -max_norm * (mu * ss - (1 - mu) * rr + (1 - 2 * mu) * sr) / (max(norm, 1e-30) * (norm + 1e-6) ** 2)
     g_hat, dg_hat = c * g, c * dg + dc * g
     m = beta1 * opt.exp_avg + (1 - beta1) * g_hat
     v = beta2 * opt.exp_avg_sq + (1 - beta2) * g_hat * g_hat

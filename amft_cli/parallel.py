@@ -131,21 +131,36 @@ class Processes:
 
     # --- vectors over all parameters (the controller's dot products)
 
-    def flat(self, tensors: list, params: list) -> torch.Tensor:
-        """This process's part of the (P,) vector of per-parameter tensors (None: zeros), float32.
-        One process or data parallel: the whole vector. Sharded: its shard of each sharded
-        parameter, and the parameters FSDP left whole on the main process only."""
+    def parts(self, tensors: list, params: list) -> list[torch.Tensor]:
+        """This process's part of each per-parameter tensor (None: zeros), flattened float32 views
+        where no copy is needed, in parameter order. One process or data parallel: every tensor
+        whole. Sharded: its shard of each sharded parameter, and the parameters FSDP left whole
+        on the main process only (so every coordinate is counted once over the processes)."""
         import torch
 
-        parts = []
+        out = []
         for t, p in zip(tensors, params):
             t = torch.zeros_like(p) if t is None else t
             if hasattr(t, "to_local"):  # a DTensor: this process's shard
                 t = t.to_local()
             elif self.sharded and not self.is_main:  # whole on every process: counted on the main one
                 continue
-            parts.append(t.detach().reshape(-1).float())
+            out.append(t.detach().reshape(-1).float())
+        return out
+
+    def flat(self, tensors: list, params: list) -> torch.Tensor:
+        """This process's part of the (P,) vector of per-parameter tensors: `parts`, concatenated."""
+        import torch
+
+        parts = self.parts(tensors, params)
         return torch.cat(parts) if parts else torch.zeros(0)
+
+    def dots(self, pairs: list[tuple[list, list]]) -> list[float]:
+        """⟨a, b⟩ over all coordinates for each pair of `parts` lists, one reduction for all pairs."""
+        import torch
+
+        local = [sum(torch.dot(x, y).item() for x, y in zip(a, b)) for a, b in pairs]
+        return self.sum_floats(local) if self.sharded else local
 
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
         """⟨a, b⟩ of two vectors made by `flat`: sharded, the sum of the processes' local products."""

@@ -81,39 +81,45 @@ def apply_update(policy: Policy, optimizers: dict, g_sft: list | None, g_rl: lis
     return norm
 
 
-def adamw_view(optimizer: torch.optim.Optimizer, params: list, lr: float,
-               dist: parallel.Processes | None = None) -> algo.AdamW:
-    """A flattened copy of an AdamW's state before its next step, at rate lr (torch.cat copies,
-    so the real moments are never touched). Zeros and step 0 before its first step. dist: whose
-    part of the vectors (parallel.Processes.flat; with FSDP this process's shards)."""
+def adamw_views(optimizer: torch.optim.Optimizer, params: list, lr: float,
+                dist: parallel.Processes | None = None) -> list[algo.AdamW]:
+    """An AdamW's state before its next step, at rate lr, one view per part of `params` (dist.parts:
+    with FSDP this process's shards): its moments are read, never copied or changed. Zeros and
+    step 0 before its first step."""
     dist = dist or parallel.Processes()
     group, states = optimizer.param_groups[0], [optimizer.state.get(p, {}) for p in params]
-
-    def moment(key: str) -> torch.Tensor:
-        return dist.flat([s.get(key) for s in states], params)
     step = int(states[0]["step"]) if "step" in states[0] else 0
-    return algo.AdamW(moment("exp_avg"), moment("exp_avg_sq"), step, lr, group["weight_decay"],
-                      tuple(group["betas"]), group["eps"])
+    moments = (dist.parts([s.get(key) for s in states], params) for key in ("exp_avg", "exp_avg_sq"))
+    return [algo.AdamW(m, v, step, lr, group["weight_decay"], tuple(group["betas"]), group["eps"])
+            for m, v in zip(*moments)]
 
 
 def update_derivative(policy: Policy, optimizers: dict, g_sft: list, g_rl: list, mu: float, cfg: Config,
                       lr_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dθ'/dμ of the step `apply_update` takes with the same arguments, and each signal's own
     full-weight step Δ_SFT, Δ_RL; all (P,) (with FSDP this process's part, parallel.py).
-    Reads the optimizers' state, never changes it."""
+    Reads the optimizers' state, never changes it. The global norms and dot products come
+    first (one reduction); then the element-wise formulas run one parameter at a time into the
+    three outputs, so no other (P,) vector (θ, the gradients, the moments, temporaries) is ever
+    built: a meta-gradient step holds 3 vectors more than a plain one, not ~12."""
     params, clip, dist = policy.params, cfg.train.grad_clip, policy.dist
-    dot = dist.dot  # norms and dot products over every process's part
-    theta = dist.flat([p.detach() for p in params], params)
-    grad_sft, grad_rl = dist.flat(g_sft, params), dist.flat(g_rl, params)
-    if "rl" in optimizers:  # split: two AdamWs at rates μ·α_SFT and (1−μ)·α_RL
-        opt_sft = adamw_view(optimizers["sft"], params, cfg.train.lr * lr_scale, dist)
-        opt_rl = adamw_view(optimizers["rl"], params, cfg.train.rl_lr * lr_scale, dist)
-        step_sft = algo.adamw_step(theta, grad_sft, opt_sft, clip, dot)
-        step_rl = algo.adamw_step(theta, grad_rl, opt_rl, clip, dot)
-        return algo.update_derivative_split(step_sft, step_rl, mu, opt_rl), step_sft, step_rl
-    opt = adamw_view(optimizers["sft"], params, cfg.train.lr * lr_scale, dist)
-    return (algo.update_derivative_shared(grad_sft, grad_rl, mu, opt, clip, dot),
-            algo.adamw_step(theta, grad_sft, opt, clip, dot), algo.adamw_step(theta, grad_rl, opt, clip, dot))
+    theta, sft, rl = (dist.parts(t, params) for t in ([p.detach() for p in params], g_sft, g_rl))
+    ss, rr, sr = dist.dots([(sft, sft), (rl, rl), (sft, rl)])
+    split = "rl" in optimizers  # two AdamWs at rates μ·α_SFT and (1−μ)·α_RL, else one on the mixed gradient
+    opt_sft = adamw_views(optimizers["sft"], params, cfg.train.lr * lr_scale, dist)
+    opt_rl = adamw_views(optimizers["rl"], params, cfg.train.rl_lr * lr_scale, dist) if split else opt_sft
+    device = theta[0].device if theta else torch.device("cpu")
+    out = [torch.empty(sum(t.numel() for t in theta), device=device) for _ in range(3)]  # dθ'/dμ, Δ_SFT, Δ_RL
+    at = 0
+    for th, s, r, o_sft, o_rl in zip(theta, sft, rl, opt_sft, opt_rl):
+        step_sft = algo.adamw_step(th, s, o_sft, clip, grad_norm=math.sqrt(max(ss, 0.0)))
+        step_rl = algo.adamw_step(th, r, o_rl, clip, grad_norm=math.sqrt(max(rr, 0.0)))
+        derivative = (algo.update_derivative_split(step_sft, step_rl, mu, o_rl) if split else
+                      algo.update_derivative_shared(s, r, mu, o_sft, clip, grad_dots=(ss, rr, sr)))
+        for vector, value in zip(out, (derivative, step_sft, step_rl)):
+            vector[at:at + th.numel()] = value
+        at += th.numel()
+    return out[0], out[1], out[2]
 
 
 def lr_factor(step: int, cfg: Config) -> float:

@@ -130,7 +130,7 @@ def utility_grad(run: Run, method: Method) -> torch.Tensor:
         grads, _, _ = rl_signal(run, examples, method, PhaseTimer())
     else:
         grads, _, _ = sft_grads(policy, examples, cfg.train.micro_batch_size)
-    return -policy.dist.flat(grads, policy.params)
+    return policy.dist.flat(grads, policy.params).neg_()
 
 
 @torch.no_grad()
