@@ -74,7 +74,7 @@ class AMFT(Method):
 
     def after_update(self, run: Run, step: int) -> dict:
         """After the step θ → θ': the μ update, with ∇U at θ'."""
-        entropy, derivative = self._pending
+        (entropy, derivative), self._pending = self._pending, (None, None)  # frees the 3 vectors after use
         out = controller_step(self.cfg, self.state, step, entropy, derivative, lambda: utility_grad(run, self),
                               dot=run.policy.dist.dot)
         return {**out, "balance/warmup": float(self.in_warmup(step))}

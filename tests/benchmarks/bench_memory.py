@@ -10,10 +10,12 @@ after setting up the trainer, divided by 4·P bytes. Weights, AdamW's two moment
 signals' gradients and the meta-gradient's vectors are each one such vector, so the count
 says how many whole-model copies a step keeps alive at its peak.
 
-Measured 2026-11-27 (P = 27.4M: hidden 512, 8 layers; 4 steps, 3 of them meta-gradient
-steps): peak 1.98 GB, 14.6 vectors above setup, once the lookahead went one parameter at
-a time (train.update_derivative); 3.28 GB, 26.5 vectors, before. With one meta step
-(--meta-every 1000000: the first step after warm-up is one anyway) 13.5.
+Measured 2026-11-27 (P = 27.4M: hidden 512, 8 layers; tiny-math's two AdamWs; 4 steps,
+3 of them meta-gradient steps): peak 3.28 GB, 26.5 vectors above setup, at 2cd107a; 1.98 GB,
+14.6 vectors, once the lookahead went one parameter at a time (train.update_derivative);
+1.86 GB, 13.6, once AMFT let go of a lookahead after using it (it held it until the next
+meta step). What is left at the peak: the weights, four AdamW moments, the two signals'
+gradients, the lookahead's three vectors, ∇U and its gradient list, and temporaries.
 """
 
 from __future__ import annotations
