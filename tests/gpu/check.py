@@ -16,8 +16,7 @@ report is rewritten after every section, so a run cut short still leaves one):
     qwen_lora    (hidden 896, 24 layers, 14 heads, 2 KV heads, MLP 4864, vocab 151936; no
                  download), full fine-tuning and LoRA, rollouts of 256 tokens
     sampler      tokens/s of our sampler vs transformers' model.generate, same bf16 model,
-                 same batch, same number of new tokens; and a LoRA r16 copy sampled through
-                 its adapters vs through merged weights (model.lora_merge_sampling)
+                 same batch, same number of new tokens
     fsdp         2 processes sharded (FSDP2: `accelerate launch` with the math-qwen2.5
                  accelerate config) vs 1 process, 8 tiny-math steps: the same μ, losses and
                  rewards (tests/test_parallel.py does this on CPU over gloo). Needs 2 GPUs, one
@@ -40,7 +39,6 @@ or vLLM (none is imported on these paths).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -210,12 +208,11 @@ def section_qwen(args, work: Path, lora: bool) -> dict:
 
 
 def section_sampler(args, work: Path) -> dict:
-    """Our sampler vs model.generate: same bf16 model, prompts and number of new tokens (eos off);
-    then a LoRA r16 copy sampled through its adapters vs through merged weights (rollout.merged_lora)."""
+    """Our sampler vs model.generate: same bf16 model, prompts and number of new tokens (eos off)."""
     from amft_cli.data import load_split
     from amft_cli.encoding import encode_prompt
     from amft_cli.model import load_policy
-    from amft_cli.rollout import _generate_batch, left_pad, merged_lora
+    from amft_cli.rollout import _generate_batch, left_pad
 
     cfg = qwen_config(args, work, lora=False)
     device = torch.device(args.device)
@@ -224,8 +221,8 @@ def section_sampler(args, work: Path) -> dict:
     n, new = cfg.rl.group_size, cfg.rl.max_new_tokens
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
-    def ours(policy=model):  # no stop token: never stops early, the same length as generate's below
-        ids, _ = _generate_batch(policy, prompts, n, pad_id=tok.pad_token_id, stop=[], max_new_tokens=new,
+    def ours():  # no stop token: never stops early, the same length as generate's below
+        ids, _ = _generate_batch(model, prompts, n, pad_id=tok.pad_token_id, stop=[], max_new_tokens=new,
                                  greedy=False, temperature=1.0, top_p=1.0,
                                  generator=torch.Generator(device).manual_seed(0))
         return sum(map(len, ids))
@@ -237,24 +234,14 @@ def section_sampler(args, work: Path) -> dict:
                              pad_token_id=tok.pad_token_id)
         return int(out[:, ids.shape[1]:].numel())
 
-    lora, _ = load_policy(dataclasses.replace(cfg.model, lora_rank=16), device, trainable=True)
-
-    def merged():
-        with merged_lora(lora):
-            return ours(lora)
-
     result = {"rows": len(prompts) * n, "new_tokens": new}
-    for name, fn in (("ours", ours), ("generate", theirs), ("ours_again", ours), ("generate_again", theirs),
-                     ("lora_adapters", lambda: ours(lora)), ("lora_merged", merged),
-                     ("lora_adapters_again", lambda: ours(lora)), ("lora_merged_again", merged)):
+    for name, fn in (("ours", ours), ("generate", theirs), ("ours_again", ours), ("generate_again", theirs)):
         sync()
         started = time.perf_counter()
         tokens = fn()
         sync()
         result[f"{name}_tokens_per_s"] = round(tokens / (time.perf_counter() - started), 1)
     result["speedup"] = round(result["ours_again_tokens_per_s"] / result["generate_again_tokens_per_s"], 2)
-    result["lora_merged_speedup"] = round(result["lora_merged_again_tokens_per_s"] /
-                                          result["lora_adapters_again_tokens_per_s"], 2)
     return result
 
 
