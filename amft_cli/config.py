@@ -99,9 +99,6 @@ class ModelConfig:
     device: str = knob("auto", "auto (cuda if present, else cpu) | cpu | cuda | cuda:N.")
     lora_rank: int = knob(0, "LoRA rank via peft; 0 trains all weights.")
     lora_alpha: int = knob(32, "LoRA scaling numerator (peft's lora_alpha).")
-    lora_merge_sampling: bool = knob(True, "A LoRA policy samples (hf rollouts, eval) through merged weights "
-                                     "W + BA, one product per layer instead of three; holds a copy of the "
-                                     "adapted weights while sampling (false: through the adapters, no copy).")
     chat_template: bool = knob(False, "Wrap prompts with the tokenizer's chat template (instruct models).")
     gradient_checkpointing: bool = knob(False, "Trade compute for memory on large models.")
 

@@ -287,7 +287,7 @@ def generate_fn_for(model, tokenizer, cfg: Config, settings: dict,
         return sample_texts(model, tokenizer, prompts, n, greedy=greedy, temperature=settings["temperature"],
                             top_p=settings["top_p"], max_new_tokens=settings["max_new_tokens"],
                             batch_size=settings["batch_size"], chat_template=cfg.model.chat_template,
-                            seed=chunk_seed, merge_lora=cfg.model.lora_merge_sampling)
+                            seed=chunk_seed)
     return batched_generate(sample, settings["batch_size"], settings["seed"], on_progress)
 
 

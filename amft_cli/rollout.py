@@ -20,7 +20,6 @@ the importance-sampling correction (algo.sampler_is_weights).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 from dataclasses import dataclass, field
@@ -244,57 +243,23 @@ def _finished(done: torch.Tensor, sharded: bool) -> bool:
     return running.item() == 0
 
 
-@contextlib.contextmanager
-def merged_lora(model):
-    """For its duration, a peft LoRA model computes through merged weights: each adapted layer's
-    base weight W is swapped for a new tensor W + ΔW (peft's get_delta_weight) and the adapters
-    are bypassed, one matrix product per layer instead of three. W itself is never written, so
-    no rounding piles up in the frozen base (peft's in-place merge_adapter/unmerge_adapter adds
-    and subtracts ΔW: in bf16 each round trip moves W). Holds a copy of the adapted weights
-    meanwhile. Inference only (no gradient reaches the swapped tensors). Any other model: no-op."""
-    if not hasattr(model, "disable_adapter"):
-        yield
-        return
-    from peft.tuners.lora import LoraLayer
-
-    swapped = []
-    try:
-        with torch.no_grad():
-            for layer in model.modules():
-                if isinstance(layer, LoraLayer) and not layer.merged and hasattr(layer, "get_delta_weight"):
-                    weight = layer.get_base_layer().weight
-                    adapters = [a for a in layer.active_adapters if a in layer.lora_A]
-                    if adapters:
-                        delta = sum(layer.get_delta_weight(a) for a in adapters)
-                        swapped.append((weight, weight.data))
-                        weight.data = weight.data + delta.to(weight.dtype)
-        with model.disable_adapter():
-            yield
-    finally:
-        for weight, original in swapped:
-            weight.data = original
-
-
 def generate(model, tokenizer, prompt_ids: list[list[int]], n: int = 1, *, max_new_tokens: int,
              greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              batch_size: int = 256, generator: torch.Generator | None = None,
-             uniforms: torch.Tensor | None = None, merge_lora: bool = False) -> Rollouts:
+             uniforms: torch.Tensor | None = None) -> Rollouts:
     """n completions per prompt from the hf sampler, groups contiguous. batch_size counts
     completions per forward. uniforms (P·n, max_new_tokens), optional: each row's sampling
     draws (row_uniforms), which make a row's sample independent of the batch it is generated
-    in; else `generator` draws. merge_lora: a LoRA model samples through merged weights
-    (merged_lora; model.lora_merge_sampling)."""
+    in; else `generator` draws."""
     stop = stop_ids(model, tokenizer)
     per_batch = max(1, batch_size // n)
     completions, logprobs = [], []
-    with merged_lora(model) if merge_lora else contextlib.nullcontext():
-        for start in range(0, len(prompt_ids), per_batch):
-            ids, lps = _generate_batch(
-                model, prompt_ids[start:start + per_batch], n, pad_id=tokenizer.pad_token_id, stop=stop,
-                max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p,
-                generator=generator,
-                uniforms=None if uniforms is None else uniforms[start * n:(start + per_batch) * n])
-            completions, logprobs = completions + ids, logprobs + lps
+    for start in range(0, len(prompt_ids), per_batch):
+        ids, lps = _generate_batch(
+            model, prompt_ids[start:start + per_batch], n, pad_id=tokenizer.pad_token_id, stop=stop,
+            max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p,
+            generator=generator, uniforms=None if uniforms is None else uniforms[start * n:(start + per_batch) * n])
+        completions, logprobs = completions + ids, logprobs + lps
     return to_rollouts(tokenizer, prompt_ids, n, completions, logprobs, stop)
 
 
@@ -348,13 +313,13 @@ class HFBackend:
 
     name = "hf"
 
-    def __init__(self, model, tokenizer, merge_lora: bool = False) -> None:
-        self.model, self.tokenizer, self.merge_lora = model, tokenizer, merge_lora
+    def __init__(self, model, tokenizer) -> None:
+        self.model, self.tokenizer = model, tokenizer
 
     def generate(self, prompt_ids: list[list[int]], n: int, *, max_new_tokens: int, temperature: float,
                  top_p: float, uniforms: torch.Tensor | None) -> Rollouts:
         return generate(self.model, self.tokenizer, prompt_ids, n, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, uniforms=uniforms, merge_lora=self.merge_lora)
+                        temperature=temperature, top_p=top_p, uniforms=uniforms)
 
     def sync_weights(self) -> None:
         pass
@@ -363,7 +328,7 @@ class HFBackend:
 def make_backend(cfg: Config, model, tokenizer) -> RolloutBackend:
     """The rollout backend named by rl.backend, for the policy `model` (a peft model or plain)."""
     if cfg.rl.backend == "hf":
-        return HFBackend(model, tokenizer, merge_lora=cfg.model.lora_merge_sampling)
+        return HFBackend(model, tokenizer)
     from amft_cli.rollout_vllm import VLLMBackend  # vLLM is an optional extra: imported only here
 
     return VLLMBackend(model, tokenizer, dtype=cfg.model.dtype, gpu_memory=cfg.rl.vllm_gpu_memory,
@@ -373,7 +338,7 @@ def make_backend(cfg: Config, model, tokenizer) -> RolloutBackend:
 
 def sample_texts(model, tokenizer, prompts: list, n: int, *, greedy: bool, temperature: float,
                  top_p: float, max_new_tokens: int, batch_size: int, chat_template: bool,
-                 seed: int, merge_lora: bool = False) -> list[list[str]]:
+                 seed: int) -> list[list[str]]:
     """Completion texts, n per prompt (for eval). A prompt is a task prompt or a revision
     Conversation (tasks/revision.py). Seeded, so eval is reproducible."""
     from amft_cli.encoding import encode_prompt, encode_transcript
@@ -383,6 +348,5 @@ def sample_texts(model, tokenizer, prompts: list, n: int, *, greedy: bool, tempe
     ids = [encode_transcript(tokenizer, p, chat_template) if isinstance(p, Conversation) else
            encode_prompt(tokenizer, p, chat_template) for p in prompts]
     out = generate(model, tokenizer, ids, n, max_new_tokens=max_new_tokens, greedy=greedy,
-                   temperature=temperature, top_p=top_p, batch_size=batch_size, generator=generator,
-                   merge_lora=merge_lora)
+                   temperature=temperature, top_p=top_p, batch_size=batch_size, generator=generator)
     return [out.texts[i * n:(i + 1) * n] for i in range(len(prompts))]

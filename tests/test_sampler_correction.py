@@ -15,7 +15,7 @@ import torch
 from amft_cli import algo
 from amft_cli.cli import resolve_config
 from amft_cli.data import prepare
-from amft_cli.rollout import HFBackend, generate, merged_lora
+from amft_cli.rollout import HFBackend, generate
 from amft_cli.signals import PhaseTimer, rl_signal
 from amft_cli.train import setup, train_step
 
@@ -177,23 +177,24 @@ def test_vllm_backend_without_vllm_is_a_user_error(data_dir):
     assert setup(sft, on_message=lambda msg: None)[0].backend is None  # never samples: vLLM not needed
 
 
-def test_pushed_weights_are_the_merged_lora_model_under_plain_names(data_dir):
-    from amft_cli.rollout import merged_lora
-    from amft_cli.rollout_vllm import named_weights
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pushed_weights_are_the_merged_lora_model_under_plain_names(data_dir, dtype):
+    from amft_cli.rollout_vllm import merged_lora, named_weights
 
-    cfg = resolve_config("tiny-math", sets(data_dir, "model.lora_rank=4"), algo="sft")
+    cfg = resolve_config("tiny-math", sets(data_dir, "model.lora_rank=4", f"model.dtype={dtype}"), algo="sft")
     model = setup(cfg, on_message=lambda msg: None)[0].policy.model
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_()  # fresh adapters are exact no-ops (B = 0): give them an effect
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    want = copy.deepcopy(model).merge_and_unload().state_dict()
+    want = {k: v.to(getattr(torch, dtype)) for k, v in  # W + BA in fp32, then rounded once
+            copy.deepcopy(model).float().merge_and_unload().state_dict().items()}
     with merged_lora(model):
         pushed = {name: t.clone() for name, t in named_weights(model)}
     assert set(pushed) == {k for k in want if k != "lm_head.weight"}  # tied to the embeddings
     for name, tensor in pushed.items():
-        assert torch.allclose(tensor, want[name], atol=1e-6), name
+        assert tensor.dtype == want[name].dtype and torch.allclose(tensor, want[name], 0.0, 1e-6), name
     assert any(not torch.allclose(pushed[k], before[f"base_model.model.{k}".replace(".weight", ".base_layer.weight")])
                for k in pushed if "q_proj.weight" in k)  # the adapters did change the pushed weights
     after = model.state_dict()
@@ -201,64 +202,35 @@ def test_pushed_weights_are_the_merged_lora_model_under_plain_names(data_dir):
 
 
 # ---------------------------------------------------------------------------
-# LoRA: sampled through merged weights
+# LoRA: the merged weights vLLM gets
 
 
-def lora_run(data_dir: Path, *extra: str):
-    """A tiny-math RL run on LoRA adapters that matter (peft starts B at 0: an exact no-op)."""
-    cfg = resolve_config("tiny-math", sets(data_dir, "model.lora_rank=4", *extra), algo="rl")
-    run, method, optimizers = setup(cfg, on_message=lambda msg: None)
-    with torch.no_grad():
-        for name, p in run.policy.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(generator=torch.Generator().manual_seed(0))
-    return run, method, optimizers
+def test_merged_lora_computes_what_the_adapters_do_and_never_writes_the_base(data_dir):
+    from amft_cli.rollout_vllm import merged_lora
 
-
-def test_merged_lora_samples_what_the_adapters_do_and_never_writes_the_base(data_dir):
-    run, _, _ = lora_run(data_dir)
+    cfg = resolve_config("tiny-math", sets(data_dir, "model.lora_rank=4"), algo="rl")
+    run = setup(cfg, on_message=lambda msg: None)[0]
     model, tok = run.policy.model, run.policy.tokenizer
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(generator=torch.Generator().manual_seed(0))  # B = 0 would be a no-op
     prompts = [run.policy.prompt_ids(ex) for ex in run.train_set[:4]]
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    def sample(merge: bool):
-        return generate(model, tok, prompts, 2, max_new_tokens=8, greedy=True, merge_lora=merge)
+    def sample():
+        return generate(model, tok, prompts, 2, max_new_tokens=8, greedy=True)
 
-    adapters, merged = sample(False), sample(True)
+    adapters = sample()
+    with merged_lora(model):
+        merged = sample()
     with model.disable_adapter():
-        base = sample(False)
+        base = sample()
     assert merged.completion_ids == adapters.completion_ids
     gaps = [abs(a - b) for ra, rb in zip(adapters.sampler_logprobs, merged.sampler_logprobs) for a, b in zip(ra, rb)]
     assert max(gaps) < 1e-4  # W + BA·s in one product vs three: fp32 rounding only
     assert max(abs(a[0] - b[0]) for a, b in zip(adapters.sampler_logprobs, base.sampler_logprobs)) > 1e-2
     with pytest.raises(RuntimeError), merged_lora(model):
-        raise RuntimeError("a failure while sampling")
+        raise RuntimeError("a failure while pushing")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # not one bit moved
-    assert sample(False).sampler_logprobs == adapters.sampler_logprobs  # the adapters are back on
-
-
-class MergeLog:
-    """rollout.merged_lora, counting the models it merges."""
-
-    def __init__(self) -> None:
-        self.models: list = []
-
-    def __call__(self, model):
-        self.models.append(model)
-        return merged_lora(model)
-
-
-@pytest.mark.parametrize("flag", [True, False])
-def test_rollouts_and_eval_merge_as_configured(data_dir, monkeypatch, flag):
-    from amft_cli import rollout
-    from amft_cli.evaluate import eval_settings, generate_fn_for
-
-    log = MergeLog()
-    monkeypatch.setattr(rollout, "merged_lora", log)
-    run, method, optimizers = lora_run(data_dir, f"model.lora_merge_sampling={str(flag).lower()}")
-    train_step(run, method, optimizers)
-    assert log.models == ([run.policy.model] if flag else [])  # the trainer's rollouts
-    settings = eval_settings(run.cfg, None, temperature=None, top_p=None, max_new_tokens=4, batch_size=None)
-    sample = generate_fn_for(run.policy.model, run.policy.tokenizer, run.cfg, settings)
-    sample([ex["prompt"] for ex in run.train_set[:2]], 1, True)
-    assert len(log.models) == (2 if flag else 0)  # and eval's
+    assert sample().sampler_logprobs == adapters.sampler_logprobs  # the adapters are back on

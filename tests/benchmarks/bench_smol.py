@@ -10,8 +10,7 @@ the first and the ratio to the row's baseline. The ratios are the claim, not the
     rollout  ours        rollout.generate: P prompts × G samples, ≤ N new tokens (fp32)
     rollout  hf          model.generate with the same prompts, samples and stop tokens
     rollout  ours bf16   rollout.generate under bf16 autocast
-    rollout  lora        LoRA r16 on every linear layer, sampled through the adapters
-    rollout  lora merged the same LoRA model through merged weights (model.lora_merge_sampling)
+    rollout  lora        LoRA r16 on every linear layer instead of full fine-tuning
     loss     packed      forward+backward of the GRPO batch, each row prompt + completion
     loss     shared      the same through policy.shared_prompt_logits (prompt once per group)
     loss     shared bf16 the same under bf16 autocast
@@ -73,11 +72,11 @@ def main() -> None:
     batch = generate(full, tok, prompts, args.group, **sample)  # the GRPO batch the loss rows reuse
     tokens = {"n": batch.num_tokens}
 
-    def ours(model, autocast: bool = False, merge_lora: bool = False):
+    def ours(model, autocast: bool = False):
         def run():
             ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.no_grad()
             with ctx:
-                tokens["n"] = generate(model, tok, prompts, args.group, merge_lora=merge_lora, **sample).num_tokens
+                tokens["n"] = generate(model, tok, prompts, args.group, **sample).num_tokens
         return run
 
     def hf():
@@ -98,7 +97,7 @@ def main() -> None:
         return run
 
     rows = {"rollout ours": ours(full), "rollout hf generate": hf, "rollout ours bf16": ours(full, autocast=True),
-            "rollout lora": ours(lora), "rollout lora merged": ours(lora, merge_lora=True),
+            "rollout lora": ours(lora),
             "loss packed": loss(policies["full"], False), "loss shared": loss(policies["full"], True),
             "loss shared bf16": loss(policies["bf16"], True), "loss lora": loss(policies["lora"], True)}
     times: dict[str, list[float]] = {k: [] for k in rows}
