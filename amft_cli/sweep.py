@@ -10,7 +10,7 @@ every run's checkpoint handler, and `--jobs N` cells at once. Rerunning the same
 command continues a sweep: a finished run is not trained again, a run with a
 checkpoint short of its steps is resumed, and an eval already done on the final
 checkpoint with the same k and limit, scored by the same verifier code, is kept. A cell whose run directory holds a
-run of a different config is refused (one line naming the keys), never replaced.
+run of a different config (other methods' knob sections aside) is refused (one line naming the keys), never replaced.
 
 The interval is Student's t over seeds: mean ± t(0.975, n−1) · s / √n
 (report.t_interval); one seed gives no interval.
@@ -127,11 +127,20 @@ def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _read_by(config: dict, algo: str) -> dict:
+    """The config as a run of `algo` reads it: without the knob sections of the other methods
+    (each method reads only its own section, methods/__init__.py), so a preset edit to CHORD's
+    schedule leaves the finished sft cell kept."""
+    others = {m.replace("-", "_") for m in methods.names()} - {algo.replace("-", "_")}
+    return {key: value for key, value in config.items() if key not in others}
+
+
 def train_state(cell: Cell) -> str:
     """'done' | 'resume' | 'new' (nothing to keep, any debris is replaced) for the cell's run directory."""
     saved = rundir.checkpoints(cell.run_dir) if cell.run_dir.is_dir() else {}
     if (cell.run_dir / rundir.CONFIG_FILE).is_file() and saved:
-        diff = _config_diff(to_dict(rundir.read_config(cell.run_dir)), to_dict(cell.config))
+        diff = _config_diff(_read_by(to_dict(rundir.read_config(cell.run_dir)), cell.algo),
+                            _read_by(to_dict(cell.config), cell.algo))
         if diff:
             raise SweepError(f"{cell.run_dir} holds a run with another config ({', '.join(diff[:5])} differ): "
                              f"pick another --name, or delete that folder")

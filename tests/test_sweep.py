@@ -88,6 +88,22 @@ def test_a_run_of_another_config_is_refused(tmp_path):
         sweep.train_state(cell)
 
 
+def test_other_methods_knobs_do_not_make_another_config(tmp_path):
+    """A preset edit to CHORD's schedule keeps a finished sft cell; the same edit refuses the chord cell,
+    and sft's own knobs still count (the sft_rl section is not sft's: the names must match whole)."""
+    edit = ["train.steps=5", "chord.mu_warmup_steps=7", "sft_rl.switch_step=2"]
+    sft, chord = Grid("g", "tiny-math", ["sft", "chord"], [0], ["train.steps=5"], root=tmp_path).cells()
+    edited_sft, edited_chord = Grid("g", "tiny-math", ["sft", "chord"], [0], edit, root=tmp_path).cells()
+    fake_run(sft, [5], config=edited_sft.config)
+    fake_run(chord, [5], config=edited_chord.config)
+    assert sweep.train_state(sft) == "done"
+    with pytest.raises(SweepError, match=r"chord\.mu_warmup_steps differ"):
+        sweep.train_state(chord)
+    lr = Grid("g", "tiny-math", ["sft"], [0], ["train.steps=5", "train.lr=0.5"], root=tmp_path).cells()[0]
+    with pytest.raises(SweepError, match=r"train\.lr differ"):
+        sweep.train_state(lr)
+
+
 def fake_eval(cell, step: int, k: int, limit: int, verifier: str | None = None) -> None:
     (cell.run_dir / "eval").mkdir(exist_ok=True)
     for split, ood in (("test", False), ("ood", True)):
