@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from amft_cli import cli_plot, methods, parallel, report
 from amft_cli.cli_options import DEFAULT_PRESET, FAIL_UNDER, JSON_OUT, PRESET, SEED, SET
 from amft_cli.config import Config, ConfigError, validate
 from amft_cli.config_io import apply_overrides, field_help, list_presets, load_preset
+from amft_cli.dashboard import output_console
 
 # transformers' per-shard "Loading weights" bars would tear through the live dashboard
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -32,8 +32,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # where 1 thread took 0.5-0.6 s. Read when torch loads (after this line, lazily).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-console = Console()
-err_console = Console(stderr=True)
+console = output_console()
+err_console = output_console(stderr=True)
 EXIT_CODES_HELP = "\b\nExit codes:\n" + report.exit_code_table()
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="AMFT: SFT and RL in one stage with a learned balance μ, and its baselines, in one engine."

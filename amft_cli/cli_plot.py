@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
+from amft_cli.dashboard import output_console
 
-console = Console()
+console = output_console()
 app = typer.Typer(help="Figures from run directories (PNG under RUN/plots/ by default)."
                        "\n\nExample: amft plot curriculum runs/tiny-math")
 

@@ -81,6 +81,14 @@ def format_rate(steps_per_s: float) -> str:
     return f"{1 / steps_per_s:.1f} s/step"
 
 
+def output_console(stderr: bool = False) -> Console:
+    """A rich console that, off a terminal (a log file, a pipe, CI), never wraps a line: a message
+    stays one line for whoever greps or parses the log (rich would break it at 80 columns)."""
+    console = Console(stderr=stderr)
+    console.soft_wrap = not console.is_terminal
+    return console
+
+
 def sparkline(values: list[float | None], width: int) -> str:
     """The last `width` values as unicode blocks ▁..█ scaled to their own min..max.
 
@@ -140,7 +148,7 @@ class Dashboard:
         self.info = dict(info)
         self.total_steps = total_steps
         self.log_every = max(1, log_every)
-        self.console = console if console is not None else Console()
+        self.console = console if console is not None else output_console()
         if live is None:
             live = self.console.is_terminal and os.environ.get("CI", "").lower() != "true"
         self.live = live
@@ -250,7 +258,7 @@ class GridProgress:
     quarter of its training and when it ends. Thread-safe: cells report from worker threads."""
 
     def __init__(self, total: int, console: Console | None = None, live: bool | None = None):
-        self.console = console if console is not None else Console()
+        self.console = console if console is not None else output_console()
         if live is None:
             live = self.console.is_terminal and os.environ.get("CI", "").lower() != "true"
         self.live, self.total, self.finished = live, total, 0

@@ -42,6 +42,9 @@ def trained_run(workdir) -> Path:
                   cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert "preparing first" in result.stdout and (workdir / "data" / "model" / "config.json").is_file()
+    # off a terminal a message is one line however long (rich would wrap it at 80 columns)
+    assert f"run directory: {run}  (next: amft eval --run {run} --ood ; amft plot curriculum {run})" \
+        in result.stdout.splitlines()
     return run
 
 
