@@ -207,7 +207,9 @@ def _run_logged(argv: list[str], log: Path, env: dict, on_step: Callable[[int, i
     with open(log, "a", encoding="utf-8") as sink:
         sink.write(f"$ {' '.join(argv)}\n")
         sink.flush()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        # its own session: a terminal's Ctrl-C reaches the sweep alone, which passes it on once
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
         with _LIVE_LOCK:
             _LIVE.add(proc)
             if _TERMINATED.is_set():  # started just as the sweep was told to stop
@@ -224,16 +226,19 @@ def _run_logged(argv: list[str], log: Path, env: dict, on_step: Callable[[int, i
                 _LIVE.discard(proc)
 
 
-_LIVE: set[subprocess.Popen] = set()  # the cells' processes running now (SIGTERM is passed on to them)
+_LIVE: set[subprocess.Popen] = set()  # the cells' processes running now (signals are passed on to them)
 _LIVE_LOCK = threading.Lock()
 _TERMINATED = threading.Event()
 STOP_CODES = (report.EXIT_INTERRUPTED, -signal.SIGINT, -signal.SIGTERM)  # a cell asked to stop, not failed
+PASSED_ON = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
 
 
 @contextlib.contextmanager
-def _pass_on_sigterm(stop: threading.Event):
-    """A SIGTERM sent to the sweep alone (`kill PID`; a terminal's Ctrl-C reaches every process
-    already) goes on to the running cells, which checkpoint and stop; no new cell starts."""
+def _pass_on_signals(stop: threading.Event):
+    """Ctrl-C (from a terminal or `kill -INT PID`), SIGTERM, or the terminal closing (SIGHUP):
+    the running cells, each in its own session, get it once (SIGHUP as SIGTERM), checkpoint and
+    stop; no new cell starts. A second Ctrl-C is passed on too, and aborts them as it aborts
+    `amft train`."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -243,14 +248,15 @@ def _pass_on_sigterm(stop: threading.Event):
         with _LIVE_LOCK:
             _TERMINATED.set()
             for proc in _LIVE:
-                proc.send_signal(signum)
+                proc.send_signal(PASSED_ON[signum])
 
     _TERMINATED.clear()
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in PASSED_ON}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler_before in previous.items():
+            signal.signal(sig, handler_before)
 
 
 def run_cell(grid: Grid, cell: Cell, env: dict, on_event: Callable[[Cell, str, int, int], None]) -> Outcome:
@@ -310,7 +316,7 @@ def run_grid(grid: Grid, cells: list[Cell], jobs: int = 1,
              on_done: Callable[[Outcome], None] = lambda o: None,
              stop: threading.Event | None = None) -> list[Outcome]:
     """Every cell, `jobs` at a time, in grid order. After an interrupted cell no new cell starts
-    (the running ones got the same Ctrl-C and checkpoint too); nor once `stop` is set."""
+    (the running ones got the same Ctrl-C, passed on, and checkpoint too); nor once `stop` is set."""
     env, stop = _child_env(jobs), stop or threading.Event()
     outcomes: list[Outcome] = []
 
@@ -397,7 +403,7 @@ def run(grid: Grid, jobs: int = 1, live: bool | None = None, console=None) -> tu
     for cell in cells:
         train_state(cell)
     stop = threading.Event()
-    with GridProgress(len(cells), console, live) as progress, _pass_on_sigterm(stop):
+    with GridProgress(len(cells), console, live) as progress, _pass_on_signals(stop):
         on_event = lambda c, phase, done, total: progress.event(c.name, phase, done, total)  # noqa: E731
         stopped = prepare_shared(grid, cells, on_event)
         if stopped:

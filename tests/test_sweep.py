@@ -278,20 +278,25 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert (folder / "plots" / "sweep.png").is_file()
 
 
-def test_sigterm_to_the_sweep_stops_its_running_cell_with_a_checkpoint(tmp_path):
-    """`kill PID` of the sweep alone: the running cell gets the SIGTERM, ends its step with a
-    checkpoint and exits; no further cell starts, no cell process is left behind, and the sweep
-    exits 130 (rerunning it resumes)."""
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "SIGHUP", "terminal Ctrl-C"])
+def test_a_signal_to_the_sweep_stops_its_running_cell_with_a_checkpoint(how, tmp_path):
+    """`kill PID` / `kill -INT PID` of the sweep alone, its terminal closing, or Ctrl-C in a terminal
+    (SIGINT to the whole foreground group): the running cell gets ONE stop request (a second Ctrl-C
+    would abort it without a checkpoint), ends its step with a checkpoint and exits; no further
+    cell starts, no cell process is left behind, and the sweep exits 130 (rerunning it resumes)."""
     folder = tmp_path / "sweeps" / "t"
     args = ["sweep", "--preset", "tiny-math", "--algo", "sft,rl", "--seeds", "0", "--name", "t", "--plain",
             *small_sets(tmp_path / "data"), "--set", "train.steps=400", "--set", "train.save_every=1000"]
     proc = subprocess.Popen([AMFT, *args], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, start_new_session=True)  # a group of its own, as a terminal's job
     metrics = folder / "runs" / "sft-s0" / "metrics.jsonl"
     wait_until(lambda: (metrics.is_file() and metrics.read_text().count("\n") >= 3) or proc.poll() is not None,
                timeout=300)
     assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGTERM)
+    if how == "terminal Ctrl-C":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(getattr(signal, how))
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]
     reached = max(checkpoint_dirs(folder / "runs" / "sft-s0"))
