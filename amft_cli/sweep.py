@@ -18,12 +18,10 @@ The interval is Student's t over seeds: mean ± t(0.975, n−1) · s / √n
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -31,13 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from amft_cli import methods, report, rundir
+from amft_cli import children, methods, report, rundir
 from amft_cli.config import Config, validate
 from amft_cli.config_io import apply_overrides, load_preset, to_dict
 from amft_cli.tasks import verifier_version
 
 SWEEPS_ROOT = Path("sweeps")
-PROGRESS_LINE = re.compile(r"^step (\d+)/(\d+)\b")
 
 
 class SweepError(ValueError):
@@ -201,62 +198,7 @@ def _child_env(jobs: int) -> dict:
     return env
 
 
-def _run_logged(argv: list[str], log: Path, env: dict, on_step: Callable[[int, int], None]) -> int:
-    """Run argv with its output appended to log; report 'step N/M' lines as they come."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a", encoding="utf-8") as sink:
-        sink.write(f"$ {' '.join(argv)}\n")
-        sink.flush()
-        # its own session: a terminal's Ctrl-C reaches the sweep alone, which passes it on once
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                start_new_session=True)
-        with _LIVE_LOCK:
-            _LIVE.add(proc)
-            if _TERMINATED.is_set():  # started just as the sweep was told to stop
-                proc.send_signal(signal.SIGTERM)
-        try:
-            for line in proc.stdout:
-                sink.write(line)
-                match = PROGRESS_LINE.match(line)
-                if match:
-                    on_step(int(match.group(1)), int(match.group(2)))
-            return proc.wait()
-        finally:
-            with _LIVE_LOCK:
-                _LIVE.discard(proc)
-
-
-_LIVE: set[subprocess.Popen] = set()  # the cells' processes running now (signals are passed on to them)
-_LIVE_LOCK = threading.Lock()
-_TERMINATED = threading.Event()
 STOP_CODES = (report.EXIT_INTERRUPTED, -signal.SIGINT, -signal.SIGTERM)  # a cell asked to stop, not failed
-PASSED_ON = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
-
-
-@contextlib.contextmanager
-def _pass_on_signals(stop: threading.Event):
-    """Ctrl-C (from a terminal or `kill -INT PID`), SIGTERM, or the terminal closing (SIGHUP):
-    the running cells, each in its own session, get it once (SIGHUP as SIGTERM), checkpoint and
-    stop; no new cell starts. A second Ctrl-C is passed on too, and aborts them as it aborts
-    `amft train`."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        stop.set()
-        with _LIVE_LOCK:
-            _TERMINATED.set()
-            for proc in _LIVE:
-                proc.send_signal(PASSED_ON[signum])
-
-    _TERMINATED.clear()
-    previous = {sig: signal.signal(sig, handler) for sig in PASSED_ON}
-    try:
-        yield
-    finally:
-        for sig, handler_before in previous.items():
-            signal.signal(sig, handler_before)
 
 
 def run_cell(grid: Grid, cell: Cell, env: dict, on_event: Callable[[Cell, str, int, int], None]) -> Outcome:
@@ -269,7 +211,7 @@ def run_cell(grid: Grid, cell: Cell, env: dict, on_event: Callable[[Cell, str, i
     outcome = Outcome(cell, "done", {"new": "trained", "resume": "resumed", "done": "kept"}[state])
     if state != "done":
         on_event(cell, "train", 0, cell.config.train.steps)
-        code = _run_logged(train_argv(grid, cell, state), log, env,
+        code = children.run_logged(train_argv(grid, cell, state), log, env,
                            lambda step, total: on_event(cell, "train", step, total))
         if code != 0:
             outcome.status = "interrupted" if code in STOP_CODES else "failed"
@@ -277,7 +219,7 @@ def run_cell(grid: Grid, cell: Cell, env: dict, on_event: Callable[[Cell, str, i
             return outcome
     if not eval_done(cell, grid.k, grid.limit):
         on_event(cell, "eval", 0, 1)
-        code = _run_logged(eval_argv(grid, cell), log, env, lambda step, total: None)
+        code = children.run_logged(eval_argv(grid, cell), log, env, lambda step, total: None)
         if code != 0:
             outcome.status = "interrupted" if code in STOP_CODES else "failed"
             outcome.returncode = code
@@ -302,7 +244,7 @@ def prepare_shared(grid: Grid, cells: list[Cell],
     for cell in todo.values():
         on_event(cell, "prepare", 0, 1)
         argv = [sys.executable, "-m", "amft_cli", "prepare", "--preset", grid.preset]
-        code = _run_logged(argv + [a for s in cell.overrides for a in ("--set", s)], log, dict(os.environ),
+        code = children.run_logged(argv + [a for s in cell.overrides for a in ("--set", s)], log, dict(os.environ),
                            lambda step, total: None)
         if code in STOP_CODES:
             return Outcome(cell, "interrupted", returncode=code)
@@ -403,7 +345,7 @@ def run(grid: Grid, jobs: int = 1, live: bool | None = None, console=None) -> tu
     for cell in cells:
         train_state(cell)
     stop = threading.Event()
-    with GridProgress(len(cells), console, live) as progress, _pass_on_signals(stop):
+    with GridProgress(len(cells), console, live) as progress, children.pass_on_signals(stop):
         on_event = lambda c, phase, done, total: progress.event(c.name, phase, done, total)  # noqa: E731
         stopped = prepare_shared(grid, cells, on_event)
         if stopped:
