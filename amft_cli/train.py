@@ -224,7 +224,7 @@ def check_processes(cfg: Config, dist: parallel.Processes, saved: dict | None, c
 def check_sharding(cfg: Config, dist: parallel.Processes) -> None:
     """What FSDP (sharding.py) needs: every process runs the same forwards (each forward
     gathers the shards), so each shares the same number of examples of every batch; and the
-    paths it was tested on (full fine-tuning, the hf sampler, the loop's own optimizers)."""
+    paths it was tested on (full fine-tuning, the hf sampler)."""
     method = methods.get(cfg.train.algo)
     for key, value in method.shared_batches(cfg).items():
         if value % dist.count:
@@ -232,9 +232,7 @@ def check_sharding(cfg: Config, dist: parallel.Processes) -> None:
                               "every process takes an equal share of each batch")
     for bad, why in ((cfg.model.lora_rank > 0, "model.lora_rank > 0: LoRA models fit one GPU; FSDP shards "
                                                 "full fine-tuning only"),
-                     (cfg.rl.backend == "vllm", "rl.backend = \"vllm\": vLLM cannot sample from a sharded model"),
-                     (not method.shardable, f"train.algo = {cfg.train.algo!r}: steps its own optimizer, not "
-                                            "sharded yet")):
+                     (cfg.rl.backend == "vllm", "rl.backend = \"vllm\": vLLM cannot sample from a sharded model")):
         if bad:
             raise ConfigError(f"{why} (an FSDP accelerate config was given: ACCELERATE_USE_FSDP)")
 
@@ -249,9 +247,10 @@ def save_run(run_dir: Path, run: Run, method: Method, optimizers: dict, summary:
         weights = sharding.full_model_state(policy.model)
     elif dist.is_main:
         opt_states = {k: o.state_dict() for k, o in optimizers.items()}
+    method_state = method.state_dict()  # on every process: it may gather shards too
     if not dist.is_main:  # every process holds the same state (or its shard of it)
         return None
-    state = {"optimizers": opt_states, "summary": summary, "method": method.state_dict(),
+    state = {"optimizers": opt_states, "summary": summary, "method": method_state,
              "cursors": asdict(run.cursors), "rng": rng_state(), "processes": dist.count}
     return save_checkpoint(run_dir, run.cursors.step, policy.model, policy.tokenizer, state,
                            run.cfg.train.keep_checkpoints, weights)

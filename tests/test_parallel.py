@@ -112,6 +112,36 @@ def test_two_processes_train_the_same_model_as_one(launcher, single, amft, tiny_
     one_line_error(other, "written by a run of 2 training process(es), this one has 1")
 
 
+RELIFT = ["train.algo=relift", "relift.sft_data_size=4", "relift.format_failures=[]", "relift.lr=1e-3"]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "fsdp"])
+def test_relift_in_two_processes_trains_the_same_model_as_one(launcher, amft, tiny_data, tmp_path):
+    """ReLIFT steps its own AdamW on the buffered demonstrations of failed prompts (every prompt fails
+    here: 2 a step, 4 per update, so updates at steps 2, 4 and 6). Two processes, stopped after step 3
+    and resumed (ReLIFT's optimizer has stepped once, its buffer holds 2; with FSDP the optimizer's
+    state is gathered from the shards and put back), end with the metrics and weights of one process."""
+    args = [*sets(tiny_data), *flags(RELIFT), "--steps", "6", "--plain"]
+    single = amft("train", *args, "--run-dir", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    two = tmp_path / "two"
+    first = launch(launcher, "train", *args[:-3], "--steps", "3", "--plain", "--run-dir", str(two), cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    resumed = launch(launcher, "train", "--resume", str(two), "--steps", "6", "--plain", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "one"), read_metrics(two)
+    assert [r["relift/sft_update"] for r in a] == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(comparable(a), comparable(b)):
+        for key in ra:
+            if key.startswith(("rollout/logprob_diff", "rollout/is_weight")):  # sampler vs trainer: float noise
+                assert close(ra[key], rb[key], rel=0.0, abs_=1e-5), (ra["step"], key, ra[key], rb[key])
+            else:
+                assert close(ra[key], rb[key]), (ra["step"], key, ra[key], rb[key])
+    wa, wb = (load_file(str(run / "checkpoints" / "step-6" / "model.safetensors")) for run in (tmp_path / "one", two))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+
 @pytest.mark.parametrize("algo, knob, needed", [("amft", "amft.meta_prompts", True), ("sft", "amft.meta_prompts", False),
                                                 ("relift", "relift.sft_data_size", True),
                                                 ("rl", "train.prompts_per_step", True)])
@@ -131,8 +161,7 @@ def test_every_process_needs_a_share_of_each_batch_the_method_draws(algo, knob, 
     (["train.prompts_per_step=3"], "train.prompts_per_step = 3: not a multiple of the 2 training processes"),
     (["amft.meta_prompts=3"], "amft.meta_prompts = 3: not a multiple of the 2 training processes"),
     (["model.lora_rank=8"], "model.lora_rank > 0: LoRA models fit one GPU"),
-    (["rl.backend=vllm"], 'rl.backend = "vllm": vLLM cannot sample from a sharded model'),
-    (["train.algo=relift"], "train.algo = 'relift': steps its own optimizer, not sharded yet")])
+    (["rl.backend=vllm"], 'rl.backend = "vllm": vLLM cannot sample from a sharded model')])
 def test_fsdp_refuses_before_any_work_what_it_cannot_shard(sets, message):
     """With FSDP every process runs the same forwards (equal shares) on paths the CPU test ran."""
     cfg = resolve_config("tiny-math", ["train.prompts_per_step=4", "train.sft_batch_size=4", "amft.meta_prompts=2",

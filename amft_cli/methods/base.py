@@ -41,7 +41,6 @@ class Method:
     name = "base"
     uses_rollouts = True  # False: never samples, so no rollout engine is started
     entropy_grad = False  # True: the losses get token entropies in the graph (entropy bonus)
-    shardable = True      # False: not run with FSDP (sharding.py) yet, e.g. it steps its own optimizer
 
     def __init__(self, cfg: Config, policy: Policy) -> None:
         self.cfg = cfg
@@ -117,6 +116,8 @@ class Method:
         return {}
 
     def state_dict(self) -> dict:
+        """What a checkpoint keeps of the method. Called on every training process (FSDP: an
+        optimizer's sharded state is gathered with a collective, sharding.py); the main one writes it."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:

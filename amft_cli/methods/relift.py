@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from amft_cli import algo, guard
+from amft_cli import algo, guard, sharding
 from amft_cli.config import Config
 from amft_cli.methods import register
 from amft_cli.methods.base import Method
@@ -62,11 +62,9 @@ class HardestBuffer:
 
 @register("relift")
 class ReLIFT(Method):
-    shardable = False  # its own AdamW's state would need gathering for checkpoints (sharding.py)
-
     def __init__(self, cfg: Config, policy: Policy) -> None:
         super().__init__(cfg, policy)
-        self.buffer = HardestBuffer()
+        self.buffer, self.policy = HardestBuffer(), policy
         self.optimizer = torch.optim.AdamW(policy.params, lr=cfg.relift.lr, weight_decay=cfg.relift.weight_decay)
         self.hardest = 0
 
@@ -105,7 +103,7 @@ class ReLIFT(Method):
             return {"relift/sft_loss": value, "relift/sft_skipped": 1.0}
         for p, g in zip(policy.params, grads):
             p.grad = g
-        norm = torch.nn.utils.clip_grad_norm_(policy.params, self.cfg.relift.grad_clip).item()
+        norm = guard.whole(torch.nn.utils.clip_grad_norm_(policy.params, self.cfg.relift.grad_clip)).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if run.backend is not None:
@@ -113,9 +111,14 @@ class ReLIFT(Method):
         return {"relift/sft_loss": value, "relift/sft_grad_norm": norm, "relift/sft_entropy": stats["entropy"]}
 
     def state_dict(self) -> dict:
-        return {"buffer": self.buffer.examples, "optimizer": self.optimizer.state_dict(), "hardest": self.hardest}
+        optimizer = (sharding.full_optimizer_state(self.policy.model, self.optimizer) if self.policy.dist.sharded
+                     else self.optimizer.state_dict())
+        return {"buffer": self.buffer.examples, "optimizer": optimizer, "hardest": self.hardest}
 
     def load_state_dict(self, state: dict) -> None:
         self.buffer = HardestBuffer(state["buffer"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.policy.dist.sharded:
+            sharding.load_optimizer_state(self.policy.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.hardest = state["hardest"]
