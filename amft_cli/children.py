@@ -49,7 +49,7 @@ def pass_on_signals(stop: threading.Event):
     """Ctrl-C (from a terminal or `kill -INT PID`), SIGTERM, or the terminal closing (SIGHUP):
     the running cells, each in its own session, get it once (SIGHUP as SIGTERM), checkpoint and
     stop; no new cell starts. A second Ctrl-C is passed on too, and aborts them as it aborts
-    `amft train`."""
+    `amft train`. A signal the sweep was started ignoring (nohup's SIGHUP) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -62,7 +62,8 @@ def pass_on_signals(stop: threading.Event):
                 proc.send_signal(PASSED_ON[signum])
 
     _TERMINATED.clear()
-    previous = {sig: signal.signal(sig, handler) for sig in PASSED_ON}
+    caught = [sig for sig in PASSED_ON if signal.getsignal(sig) is not signal.SIG_IGN]  # nohup's SIGHUP
+    previous = {sig: signal.signal(sig, handler) for sig in caught}
     try:
         yield
     finally:

@@ -307,6 +307,24 @@ def test_a_signal_to_the_sweep_stops_its_running_cell_with_a_checkpoint(how, tmp
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+def test_under_nohup_a_hangup_does_not_stop_the_sweep(tmp_path):
+    """`nohup amft sweep ... &` is how a sweep outlives its terminal: SIGHUP stays ignored, and the
+    cell trains to its last step."""
+    folder = tmp_path / "sweeps" / "t"
+    args = ["sweep", "--preset", "tiny-math", "--algo", "sft", "--seeds", "0", "--name", "t", "--plain",
+            *small_sets(tmp_path / "data"), "--set", "train.steps=40"]
+    proc = subprocess.Popen(["nohup", AMFT, *args], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = folder / "runs" / "sft-s0" / "metrics.jsonl"
+    wait_until(lambda: (metrics.is_file() and metrics.read_text().count("\n") >= 3) or proc.poll() is not None,
+               timeout=300)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGHUP)  # the terminal closing: its session's processes get SIGHUP
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert max(checkpoint_dirs(folder / "runs" / "sft-s0")) == 40
+
+
 def _processes_mentioning(text: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
