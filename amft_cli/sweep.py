@@ -10,7 +10,8 @@ every run's checkpoint handler, and `--jobs N` cells at once. Rerunning the same
 command continues a sweep: a finished run is not trained again, a run with a
 checkpoint short of its steps is resumed, and an eval already done on the final
 checkpoint with the same k and limit, scored by the same verifier code, is kept. A cell whose run directory holds a
-run of a different config (other methods' knob sections aside) is refused (one line naming the keys), never replaced.
+run of a different config (other methods' knob sections aside) is refused (one line naming the keys), never
+replaced.
 
 The interval is Student's t over seeds: mean ± t(0.975, n−1) · s / √n
 (report.t_interval); one seed gives no interval.
