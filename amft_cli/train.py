@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -147,10 +146,11 @@ def make_optimizers(policy: Policy, cfg: Config) -> dict[str, torch.optim.Optimi
 
 
 class StopFlag:
-    """The first Ctrl-C or SIGTERM (a cluster scheduler's preemption notice; torchrun passes it
-    to every process) asks the loop to checkpoint and stop after the current step. A second one
-    aborts: Ctrl-C as the caller would have, SIGTERM by its default action (the process dies by
-    it; the last checkpoint, written atomically, stays)."""
+    """The first Ctrl-C or SIGTERM (a cluster scheduler's preemption notice) asks the loop to
+    checkpoint and stop after the current step. A second Ctrl-C aborts, as the caller would have.
+    A second SIGTERM is the same request again, not an abort: Slurm sends SIGTERM to every process
+    of a job and torchrun passes its own on, so each of its workers gets two (and a sweep's cell
+    gets the sweep's too); the scheduler's SIGKILL after its grace period is the hard stop."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -160,15 +160,12 @@ class StopFlag:
 
     def __enter__(self):
         def handler(signum, frame):
-            if not self.requested:
+            if not self.requested or signum == signal.SIGTERM:
                 self.requested = True
                 return
-            if signum == signal.SIGINT:  # abort the way the caller would have (the CLI says so in one line)
-                if callable(self._previous.get(signum)):
-                    self._previous[signum](signum, frame)
-                raise KeyboardInterrupt
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+            if callable(self._previous.get(signum)):  # abort the way the caller would have (the CLI says so)
+                self._previous[signum](signum, frame)
+            raise KeyboardInterrupt
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
             self._previous = {sig: signal.signal(sig, handler) for sig in self.SIGNALS}
         return self

@@ -24,21 +24,25 @@ get_optimizer_state_dict does) changes the meta-gradient after the resume.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
+from amft_cli.checkpoint import checkpoint_dirs
 from amft_cli.cli import resolve_config
 from amft_cli.config import ConfigError
 from amft_cli.metrics import read_metrics
 from amft_cli.parallel import Processes
 from amft_cli.train import check_processes
-from amft_runs import comparable, flags, one_line_error, tiny_sets
+from amft_runs import assert_intact, comparable, flags, one_line_error, tiny_sets, wait_until
 
 BIN = Path(sys.executable).parent
 AMFT = str(BIN / "amft")
@@ -207,3 +211,41 @@ def test_processes_leave_without_the_interpreter_teardown(code, tmp_path):
     assert out.count("teardown ran") == (2 if code == "none" else 0), out
     assert result.returncode == (1 if code == "3" else 0), out  # torchrun: 1 when a process failed,
     assert ("exitcode  : 3" in out) == (code == "3"), out         # naming the process's own status
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants, children first (from /proc: Linux)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree = [pid]
+    for p in tree:
+        tree.extend(parents.get(p, []))
+    return tree[::-1]
+
+
+def test_a_schedulers_sigterm_to_every_process_checkpoints_once(tiny_data, tmp_path):
+    """Slurm's time limit, preemption or scancel sends SIGTERM to every process of the job step
+    (torchrun's workers run in sessions of their own, so a process group would miss them), and
+    torchrun passes the one it gets on: each worker gets two. The second is the same request, not
+    an abort: both processes end the same step, write its checkpoint and stop."""
+    run = tmp_path / "run"
+    work = ["train.prompts_per_step=32", "rl.group_size=8", "rl.max_new_tokens=32", "train.save_every=1000"]
+    argv = [*LAUNCHERS["torchrun"], AMFT, "train", *sets(tiny_data), *flags(work), "--steps", "400", "--run-dir",
+            str(run), "--plain"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_until(lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 4,
+               timeout=300)  # past warm-up: RL steps of ~1 s
+    *workers, torchrun = process_tree(proc.pid)
+    assert len(workers) == 2 and torchrun == proc.pid
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.1)  # handled by then (two signals before it would count as one)
+    os.kill(torchrun, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    reached = read_metrics(run)[-1]["step"]
+    assert 4 <= reached < 400 and list(checkpoint_dirs(run)) == [reached], out[-3000:]  # save_every never came
+    assert f"--resume {run}" in out.replace("\n", ""), out[-3000:]
+    assert_intact(run)
