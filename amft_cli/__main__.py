@@ -1,5 +1,5 @@
 """`python -m amft_cli` is the `amft` command (used by `amft sweep` to start each run)."""
 
-from amft_cli.cli import main
+from amft_cli.entry import main
 
 main()

@@ -12,6 +12,9 @@ def _while_loading(signum, frame):
 
 def main() -> None:
     signal.signal(signal.SIGINT, _while_loading)
+    from amft_cli.children import stop_with_parent
+
+    stop_with_parent()  # a sweep's cell: stop when the sweep dies
     from amft_cli.cli import main as cli_main
 
     cli_main()

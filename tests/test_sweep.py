@@ -325,6 +325,27 @@ def test_under_nohup_a_hangup_does_not_stop_the_sweep(tmp_path):
     assert max(checkpoint_dirs(folder / "runs" / "sft-s0")) == 40
 
 
+def test_a_killed_sweep_stops_its_running_cell_with_a_checkpoint(tmp_path):
+    """SIGKILL of the sweep (or the OOM killer) passes nothing on, yet its running cell gets SIGTERM
+    from Linux as the sweep dies (stop_with_parent): it ends its step with a checkpoint and exits,
+    instead of training on with no sweep to evaluate it."""
+    folder = tmp_path / "sweeps" / "t"
+    args = ["sweep", "--preset", "tiny-math", "--algo", "sft", "--seeds", "0", "--name", "t", "--plain",
+            *small_sets(tmp_path / "data"), "--set", "train.steps=400", "--set", "train.save_every=1000"]
+    proc = subprocess.Popen([AMFT, *args], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    cell = folder / "runs" / "sft-s0"
+    wait_until(lambda: ((cell / "metrics.jsonl").is_file() and (cell / "metrics.jsonl").read_text().count("\n") >= 3)
+               or proc.poll() is not None, timeout=300)
+    assert proc.poll() is None, proc.communicate()
+    proc.kill()
+    proc.communicate(timeout=60)
+    wait_until(lambda: not _processes_mentioning("sweeps/t/runs/sft-s0"), timeout=120)  # the cell has ended
+    reached = max(r for r in checkpoint_dirs(cell))
+    assert 3 <= reached < 400 and f"interrupted: checkpoint sweeps/t/runs/sft-s0/checkpoints/step-{reached}" in (
+        cell / "sweep.log").read_text()
+
+
 def _processes_mentioning(text: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
