@@ -20,9 +20,10 @@ import typer
 from rich.markup import escape
 
 from amft_cli import cli_plot, methods, parallel, report
-from amft_cli.cli_options import DEFAULT_PRESET, FAIL_UNDER, JSON_OUT, PRESET, SEED, SET
+from amft_cli.cli_options import (DEFAULT_PRESET, FAIL_UNDER, JSON_OUT, PRESET, SEED, SET, default_run_dir,
+                                  preset_name, resolve_config)
 from amft_cli.config import Config, ConfigError, validate
-from amft_cli.config_io import apply_overrides, field_help, list_presets, load_preset
+from amft_cli.config_io import apply_overrides, field_help, list_presets
 from amft_cli.dashboard import output_console
 
 # transformers' per-shard "Loading weights" bars would tear through the live dashboard
@@ -68,29 +69,6 @@ def exit_on_failed_gate(rows: list[dict]) -> None:
                           f"(--fail-under {r['metric']}={r['minimum']:g})", highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(report.EXIT_BELOW_THRESHOLD)
-
-
-def resolve_config(preset: str | None, overrides: list[str] | None, seed: int | None = None,
-                   algo: str | None = None, steps: int | None = None) -> Config:
-    """Preset (or the embedded default) + shortcuts + --set overrides, validated."""
-    cfg = load_preset(preset or DEFAULT_PRESET)
-    shortcuts = [f"{k}={v}" for k, v in (("seed", seed), ("train.algo", algo), ("train.steps", steps)) if v is not None]
-    cfg = validate(apply_overrides(cfg, shortcuts + list(overrides or [])))
-    methods.check(cfg.train.algo)
-    return cfg
-
-
-def preset_name(preset: str | None) -> str:
-    """'tiny-gp' -> 'tiny-gp', 'path/to/x.toml' -> 'x' (dots inside names like math-qwen2.5 are kept)."""
-    preset = preset or DEFAULT_PRESET
-    return Path(preset).stem if preset.endswith(".toml") else Path(preset).name
-
-
-def default_run_dir(preset: str | None, cfg: Config, algo: str | None, seed: int | None) -> Path:
-    name = preset_name(preset)
-    name += f"-{algo}" if algo else ""
-    name += f"-s{seed}" if seed is not None else ""
-    return Path("runs") / name
 
 
 # ---------------------------------------------------------------------------
@@ -145,43 +123,52 @@ def prepare(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET
 
 
 @contextlib.contextmanager
-def _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwrite):
-    """(config, run directory) of `amft train`, held under the directory's lock (one writer per run,
-    taken before anything is written); an existing run is replaced only with --overwrite.
-    Several processes (torchrun, accelerate launch): every one checks, the main one locks and writes."""
+def _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwrite, auto_resume):
+    """(config, run directory, whether to continue its run) of `amft train`, held under the
+    directory's lock (one writer per run, taken before anything is written). An existing run is
+    replaced only with --overwrite, continued with --resume DIR or --auto-resume. Several
+    processes (torchrun, accelerate launch): every one checks, the main one locks and writes."""
     from amft_cli.rundir import RunLock, clear_run, holds_run
 
+    if auto_resume and (resume is not None or overwrite):
+        raise ConfigError("--auto-resume picks between starting and continuing itself: drop --resume/--overwrite")
     if resume is not None and not resume.is_dir():
         raise ConfigError(f"--resume {resume}: no such directory")
     cfg = resolve_config(preset, overrides, seed, algo, steps) if resume is None else None
     out = resume if resume is not None else run_dir or default_run_dir(preset, cfg, algo, seed)
-    dist = parallel.current()
+    dist, resuming = parallel.current(), resume is not None
     with RunLock(out) if dist.is_main else contextlib.nullcontext():
         if resume is not None:
             if not (resume / "config.toml").is_file():
                 raise ConfigError(f"--resume {resume}: no config.toml there — is it a run directory?")
             cfg = resolve_config(str(resume / "config.toml"), overrides, seed, algo, steps)
+        elif holds_run(out) and auto_resume:
+            resuming = _continues(out, cfg)
         elif holds_run(out):
             if not overwrite:
                 raise ConfigError(f"{out} already holds a run: --resume {out} continues it, --overwrite replaces "
-                                  f"it, --run-dir picks another directory")
+                                  f"it, --auto-resume continues it if it is this config's, --run-dir picks another")
             if dist.is_main:
                 clear_run(out)
         dist.barrier()  # every process has looked before the main one writes
-        yield cfg, out
+        yield cfg, out, resuming
 
 
-def train_document(cfg: Config, out: Path, result) -> dict:
-    """The JSON of `amft train --json`: where the run is, and its before/after headline on unseen ID examples."""
-    from amft_cli import rundir
+def _continues(out: Path, cfg: Config) -> bool:
+    """--auto-resume on a directory holding a run (a scheduler restarting the same command): continue
+    it if it is a run of cfg (train.steps may differ, as with --resume --steps), else refuse; a run
+    that never reached a checkpoint has nothing to continue and is started afresh."""
+    from amft_cli.rundir import CONFIG_FILE, checkpoints, clear_run, config_differences
 
-    saved = rundir.checkpoints(out)
-    summary = {k: {"id": report.headline(v)} for k, v in result.summary.items() if k in ("before", "after")}
-    return {"command": "train", "preset": cfg.preset or None, "task": cfg.task.name, "algo": cfg.train.algo,
-            "seed": cfg.seed, "run": str(out), "model": str(saved[max(saved)]) if saved else None,
-            "step": result.steps, "interrupted": result.interrupted,
-            **report.run_totals(rundir.read_metrics(out) if result.steps else []),
-            "metrics": summary.get("after", {}), "before": summary.get("before", {})}
+    differ = config_differences(out, cfg, ignore=("train.steps",)) if (out / CONFIG_FILE).is_file() else []
+    if differ:
+        raise ConfigError(f"--auto-resume: {out} holds a run with another config ({', '.join(differ[:5])} differ): "
+                          f"--overwrite replaces it, --run-dir picks another directory")
+    if checkpoints(out):
+        return True
+    if parallel.current().is_main:
+        clear_run(out)
+    return False
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -192,6 +179,9 @@ def train(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET, 
           run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/<preset>[-<algo>][-s<seed>])."),
           resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
           overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in the run directory."),
+          auto_resume: bool = typer.Option(False, "--auto-resume", help="Continue the run in the run directory if "
+                                           "it is this config's, else start it: one command for a job's first start "
+                                           "and its restarts (a requeued Slurm job)."),
           live: Optional[bool] = typer.Option(None, "--live/--plain", help="Force the live dashboard or plain log lines (default: live on a terminal)."),
           json_out: bool = JSON_OUT):
     """Train with the preset's algo (default: AMFT on tiny-math, CPU, a few minutes).
@@ -199,7 +189,8 @@ def train(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET, 
     Example: amft train --preset tiny-gp --algo sft --seed 1 --steps 600
     """
     with stdout_reserved(json_out) as stdout, \
-            _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwrite) as (cfg, out):
+            _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwrite, auto_resume) as (cfg, out,
+                                                                                                 resuming):
         # imported only now so that config mistakes are reported without loading torch (~3 s)
         from amft_cli.dashboard import Dashboard
         from amft_cli.data import is_prepared
@@ -211,13 +202,13 @@ def train(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET, 
             prepare_with_progress(cfg)
         dist.barrier()  # the others read what the main process prepared
         if not dist.is_main:  # the main process reports for all
-            run_training(cfg, out, resume=resume is not None)
+            run_training(cfg, out, resume=resuming)
             return
         info = {"run": str(out), "preset": cfg.preset, "algo": cfg.train.algo}
         if dist.count > 1:
             info["processes"] = dist.count
         with Dashboard("amft-cli train", info, cfg.train.steps, cfg.train.log_every, live=live) as dash:
-            result = run_training(cfg, out, resume=resume is not None, on_metrics=dash.update, on_message=dash.message)
+            result = run_training(cfg, out, resume=resuming, on_metrics=dash.update, on_message=dash.message)
         summary = result.summary
         if "before" in summary and "after" in summary:
             b, a = summary["before"], summary["after"]
@@ -225,7 +216,7 @@ def train(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET, 
                           f"before training {b['value']:.1%} → after {a['value']:.1%}[/]")
         console.print(f"run directory: {out}  (next: amft eval --run {out} --ood ; amft plot curriculum {out})")
         if json_out:
-            emit_json(train_document(cfg, out, result), stdout)
+            emit_json(report.train_document(cfg, out, result), stdout)
     if result.interrupted:
         raise typer.Exit(report.EXIT_INTERRUPTED)
 

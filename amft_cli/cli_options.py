@@ -1,8 +1,15 @@
-"""The options several `amft` commands share, and one fix to how typer's help shows flags."""
+"""The options several `amft` commands share, the config and run directory they resolve to,
+and one fix to how typer's help shows flags."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from amft_cli import methods
+from amft_cli.config import Config, validate
+from amft_cli.config_io import apply_overrides, load_preset
 
 DEFAULT_PRESET = "tiny-math"
 
@@ -43,3 +50,26 @@ FAIL_UNDER = typer.Option(None, "--fail-under", metavar="METRIC=VALUE", help="Ex
                           "below VALUE, e.g. id.greedy=0.9 or ood.avg@8=0.1 (repeatable). METRIC is SCOPE.NAME: "
                           "scope id, ood or a set name; name greedy, avg@k, pass@k (or avg@K/pass@K with the "
                           "eval's K), reward, step_accuracy, route_success.")
+
+
+def resolve_config(preset: str | None, overrides: list[str] | None, seed: int | None = None,
+                   algo: str | None = None, steps: int | None = None) -> Config:
+    """Preset (or the embedded default) + shortcuts + --set overrides, validated."""
+    cfg = load_preset(preset or DEFAULT_PRESET)
+    shortcuts = [f"{k}={v}" for k, v in (("seed", seed), ("train.algo", algo), ("train.steps", steps)) if v is not None]
+    cfg = validate(apply_overrides(cfg, shortcuts + list(overrides or [])))
+    methods.check(cfg.train.algo)
+    return cfg
+
+
+def preset_name(preset: str | None) -> str:
+    """'tiny-gp' -> 'tiny-gp', 'path/to/x.toml' -> 'x' (dots inside names like math-qwen2.5 are kept)."""
+    preset = preset or DEFAULT_PRESET
+    return Path(preset).stem if preset.endswith(".toml") else Path(preset).name
+
+
+def default_run_dir(preset: str | None, cfg: Config, algo: str | None, seed: int | None) -> Path:
+    name = preset_name(preset)
+    name += f"-{algo}" if algo else ""
+    name += f"-s{seed}" if seed is not None else ""
+    return Path("runs") / name

@@ -25,6 +25,10 @@ import io
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
+
+from amft_cli import rundir
+from amft_cli.config import Config
 
 # ---------------------------------------------------------------------------
 # exit codes (the table is printed by `amft --help` and copied into README)
@@ -111,6 +115,17 @@ T_975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622
          2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
          2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
 INTERVAL_TEXT = "95 % t-interval over seeds (mean ± t(0.975, n−1)·s/√n)"
+
+
+def train_document(cfg: Config, out: Path, result) -> dict:
+    """The JSON of `amft train --json`: where the run is, and its before/after headline on unseen ID examples."""
+    saved = rundir.checkpoints(out)
+    summary = {k: {"id": headline(v)} for k, v in result.summary.items() if k in ("before", "after")}
+    return {"command": "train", "preset": cfg.preset or None, "task": cfg.task.name, "algo": cfg.train.algo,
+            "seed": cfg.seed, "run": str(out), "model": str(saved[max(saved)]) if saved else None,
+            "step": result.steps, "interrupted": result.interrupted,
+            **run_totals(rundir.read_metrics(out) if result.steps else []),
+            "metrics": summary.get("after", {}), "before": summary.get("before", {})}
 
 
 def t_quantile_975(df: int) -> float:

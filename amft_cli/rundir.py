@@ -27,7 +27,7 @@ from pathlib import Path
 
 from amft_cli import metrics
 from amft_cli.config import Config
-from amft_cli.config_io import load_preset
+from amft_cli.config_io import load_preset, to_dict
 from amft_cli.fsio import user_io
 
 CONFIG_FILE = "config.toml"
@@ -107,6 +107,28 @@ class RunLock:
 def holds_run(run_dir: Path) -> bool:
     """True when run_dir has metrics or checkpoints of an earlier run."""
     return (Path(run_dir) / metrics.METRICS_FILE).exists() or (Path(run_dir) / "checkpoints").exists()
+
+
+def config_differences(run_dir: Path, cfg: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The config keys ("train.lr") on which the run saved in run_dir differs from cfg (but those in
+    ignore), as the run's method reads its config: the knob sections of the other methods do not
+    count (each method reads only its own, methods/__init__.py), so editing CHORD's schedule in a
+    preset keeps a finished sft run."""
+    from amft_cli import methods
+
+    others = {m.replace("-", "_") for m in methods.names()} - {cfg.train.algo.replace("-", "_")}
+    saved, wanted = to_dict(read_config(run_dir)), to_dict(cfg)
+    return [key for key in _differences(saved, wanted) if key.split(".")[0] not in others and key not in ignore]
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            keys += _differences(a[key], b[key], f"{prefix}{key}.")
+        elif a.get(key) != b.get(key):
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def clear_run(run_dir: Path) -> None:

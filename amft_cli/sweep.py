@@ -32,7 +32,7 @@ from typing import Callable
 
 from amft_cli import children, methods, report, rundir
 from amft_cli.config import Config, validate
-from amft_cli.config_io import apply_overrides, load_preset, to_dict
+from amft_cli.config_io import apply_overrides, load_preset
 from amft_cli.tasks import verifier_version
 
 SWEEPS_ROOT = Path("sweeps")
@@ -115,30 +115,11 @@ def parse_seeds(text: str) -> list[int]:
 # what a cell still needs
 
 
-def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key in sorted(set(a) | set(b)):
-        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-            keys += _config_diff(a[key], b[key], f"{prefix}{key}.")
-        elif a.get(key) != b.get(key):
-            keys.append(f"{prefix}{key}")
-    return keys
-
-
-def _read_by(config: dict, algo: str) -> dict:
-    """The config as a run of `algo` reads it: without the knob sections of the other methods
-    (each method reads only its own section, methods/__init__.py), so a preset edit to CHORD's
-    schedule leaves the finished sft cell kept."""
-    others = {m.replace("-", "_") for m in methods.names()} - {algo.replace("-", "_")}
-    return {key: value for key, value in config.items() if key not in others}
-
-
 def train_state(cell: Cell) -> str:
     """'done' | 'resume' | 'new' (nothing to keep, any debris is replaced) for the cell's run directory."""
     saved = rundir.checkpoints(cell.run_dir) if cell.run_dir.is_dir() else {}
     if (cell.run_dir / rundir.CONFIG_FILE).is_file() and saved:
-        diff = _config_diff(_read_by(to_dict(rundir.read_config(cell.run_dir)), cell.algo),
-                            _read_by(to_dict(cell.config), cell.algo))
+        diff = rundir.config_differences(cell.run_dir, cell.config)
         if diff:
             raise SweepError(f"{cell.run_dir} holds a run with another config ({', '.join(diff[:5])} differ): "
                              f"pick another --name, or delete that folder")

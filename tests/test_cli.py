@@ -118,6 +118,31 @@ def test_eval_with_a_bad_split(trained_run, tmp_path):
     assert_one_line_error(amft("eval", "--run", str(trained_run), "--split", "train", cwd=tmp_path), "--split")
 
 
+def test_auto_resume_starts_continues_and_refuses_another_config(trained_run, workdir, tmp_path):
+    """--auto-resume, one command for a job's first start and its restarts: it starts a run that is
+    not there, continues a run of this config from its last checkpoint (train.steps may grow), starts
+    afresh over a run killed before its first checkpoint, and refuses a run of another config."""
+    run = tmp_path / "run"
+    args = ["train", "--algo", "sft", "--run-dir", str(run), "--auto-resume", "--plain"]
+    first = amft(*args, *small_sets(workdir / "data", 2), cwd=tmp_path)
+    assert first.returncode == 0 and "resumed" not in first.stdout, first.stderr
+    two_steps = (run / "metrics.jsonl").read_text()
+    again = amft(*args, *small_sets(workdir / "data", 4), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"resumed from {run / 'checkpoints' / 'step-2'} (step 2)" in again.stdout.replace("\n", "")
+    metrics = (run / "metrics.jsonl").read_text()
+    assert metrics.startswith(two_steps) and metrics.count("\n") == 4
+    other = amft(*args, *small_sets(workdir / "data", 4), "--set", "train.lr=0.5", cwd=tmp_path)
+    assert_one_line_error(other, f"--auto-resume: {run} holds a run with another config (train.lr differ)")
+    assert (run / "metrics.jsonl").read_text() == metrics
+    shutil.rmtree(run / "checkpoints")  # as if killed before its first checkpoint: nothing to continue
+    fresh = amft(*args, *small_sets(workdir / "data", 1), cwd=tmp_path)
+    assert fresh.returncode == 0 and "resumed" not in fresh.stdout, fresh.stderr
+    assert (run / "metrics.jsonl").read_text().count("\n") == 1 and (run / "checkpoints" / "step-1").is_dir()
+    both = amft(*args, *small_sets(workdir / "data", 1), "--overwrite", cwd=tmp_path)
+    assert_one_line_error(both, "--auto-resume picks between starting and continuing itself")
+
+
 def test_existing_run_dir_needs_overwrite(trained_run, workdir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
