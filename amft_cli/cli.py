@@ -144,6 +144,9 @@ def _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwri
             cfg = resolve_config(str(resume / "config.toml"), overrides, seed, algo, steps)
         elif holds_run(out) and auto_resume:
             resuming = _continues(out, cfg)
+            dist.barrier()  # every process has read the run before the main one clears it
+            if not resuming and dist.is_main:
+                clear_run(out)
         elif holds_run(out):
             if not overwrite:
                 raise ConfigError(f"{out} already holds a run: --resume {out} continues it, --overwrite replaces "
@@ -158,17 +161,13 @@ def _continues(out: Path, cfg: Config) -> bool:
     """--auto-resume on a directory holding a run (a scheduler restarting the same command): continue
     it if it is a run of cfg (train.steps may differ, as with --resume --steps), else refuse; a run
     that never reached a checkpoint has nothing to continue and is started afresh."""
-    from amft_cli.rundir import CONFIG_FILE, checkpoints, clear_run, config_differences
+    from amft_cli.rundir import CONFIG_FILE, checkpoints, config_differences
 
     differ = config_differences(out, cfg, ignore=("train.steps",)) if (out / CONFIG_FILE).is_file() else []
     if differ:
         raise ConfigError(f"--auto-resume: {out} holds a run with another config ({', '.join(differ[:5])} differ): "
                           f"--overwrite replaces it, --run-dir picks another directory")
-    if checkpoints(out):
-        return True
-    if parallel.current().is_main:
-        clear_run(out)
-    return False
+    return bool(checkpoints(out))
 
 
 @app.command(epilog=EXIT_CODES_HELP)

@@ -230,12 +230,13 @@ def test_a_schedulers_sigterm_to_every_process_checkpoints_once(tiny_data, tmp_p
     """Slurm's time limit, preemption or scancel sends SIGTERM to every process of the job step
     (torchrun's workers run in sessions of their own, so a process group would miss them), and
     torchrun passes the one it gets on: each worker gets two. The second is the same request, not
-    an abort: both processes end the same step, write its checkpoint and stop."""
+    an abort: both processes end the same step, write its checkpoint and stop; the requeued job's
+    command (--auto-resume) continues from there."""
     run = tmp_path / "run"
     work = ["train.prompts_per_step=32", "rl.group_size=8", "rl.max_new_tokens=32", "train.save_every=1000"]
-    argv = [*LAUNCHERS["torchrun"], AMFT, "train", *sets(tiny_data), *flags(work), "--steps", "400", "--run-dir",
-            str(run), "--plain"]
-    proc = subprocess.Popen(argv, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    argv = [*LAUNCHERS["torchrun"], AMFT, "train", *sets(tiny_data), *flags(work), "--run-dir", str(run), "--plain",
+            "--auto-resume"]  # the requeued job's command is the same
+    proc = subprocess.Popen([*argv, "--steps", "400"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_until(lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 4,
                timeout=300)  # past warm-up: RL steps of ~1 s
     *workers, torchrun = process_tree(proc.pid)
@@ -248,4 +249,8 @@ def test_a_schedulers_sigterm_to_every_process_checkpoints_once(tiny_data, tmp_p
     reached = read_metrics(run)[-1]["step"]
     assert 4 <= reached < 400 and list(checkpoint_dirs(run)) == [reached], out[-3000:]  # save_every never came
     assert f"--resume {run}" in out.replace("\n", ""), out[-3000:]
+    requeued = subprocess.run([*argv, "--steps", str(reached + 2)], cwd=tmp_path, env=ENV, capture_output=True,
+                              text=True, timeout=300)
+    assert requeued.returncode == 0, requeued.stdout[-3000:] + requeued.stderr[-3000:]
+    assert f"(step {reached})" in requeued.stdout and read_metrics(run)[-1]["step"] == reached + 2
     assert_intact(run)
