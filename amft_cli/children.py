@@ -2,7 +2,7 @@
 of its own with its output appended to a log, and the signals that stop a sweep reach each of them
 once, through the sweep (a terminal's Ctrl-C reaches the sweep alone, so no cell gets it twice).
 A sweep that dies without passing anything on (SIGKILL, the OOM killer) stops them too: each
-child asks Linux for a SIGTERM when its parent dies (stop_with_parent)."""
+child asks Linux for a signal when its parent dies, and stops as on SIGTERM (stop_with_parent)."""
 
 from __future__ import annotations
 
