@@ -146,6 +146,7 @@ def _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwri
             resuming = _continues(out, cfg)
             dist.barrier()  # every process has read the run before the main one clears it
             if not resuming and dist.is_main:
+                console.print(f"--auto-resume: {out} holds no checkpoint to continue; starting the run afresh")
                 clear_run(out)
         elif holds_run(out):
             if not overwrite:

@@ -138,6 +138,7 @@ def test_auto_resume_starts_continues_and_refuses_another_config(trained_run, wo
     shutil.rmtree(run / "checkpoints")  # as if killed before its first checkpoint: nothing to continue
     fresh = amft(*args, *small_sets(workdir / "data", 1), cwd=tmp_path)
     assert fresh.returncode == 0 and "resumed" not in fresh.stdout, fresh.stderr
+    assert f"--auto-resume: {run} holds no checkpoint to continue; starting the run afresh" in fresh.stdout
     assert (run / "metrics.jsonl").read_text().count("\n") == 1 and (run / "checkpoints" / "step-1").is_dir()
     both = amft(*args, *small_sets(workdir / "data", 1), "--overwrite", cwd=tmp_path)
     assert_one_line_error(both, "--auto-resume picks between starting and continuing itself")
