@@ -48,10 +48,7 @@ def stdout_reserved(json_out: bool):
     """With --json, stdout is kept for the one JSON document: whatever is printed
     meanwhile (progress, tables, library chatter) goes to stderr. Yields the real stdout."""
     real = sys.stdout
-    if not json_out:
-        yield real
-        return
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext():
         yield real
 
 
@@ -341,9 +338,9 @@ def _is_user_error(e: BaseException) -> bool:
 
 
 class Interrupted(BaseException):
-    """Ctrl-C, or SIGTERM in a single process, outside the training loop's own handler (typer
-    turns a KeyboardInterrupt into a silent exit 130, so main's handler raises this instead and
-    says what happened); `finally` blocks run, e.g. `amft prepare` removes its half-built model."""
+    """Ctrl-C, or SIGTERM in a single process, outside the training loop's own handler (typer turns a
+    KeyboardInterrupt into a silent exit 130, so main's handler raises this instead and says what
+    happened); `finally` blocks run, e.g. `amft prepare` removes its half-built model."""
 
     def __init__(self, signum: int = signal.SIGINT) -> None:
         super().__init__(signum)
@@ -351,6 +348,8 @@ class Interrupted(BaseException):
 
 
 def _interrupt(signum, frame):
+    if signum == signal.SIGTERM:  # a repeat (Slurm signals every process; a sweep passes its own on) changes nothing
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Interrupted(signum)
 
 

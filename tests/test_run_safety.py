@@ -79,6 +79,27 @@ def test_ctrl_c_during_start_up(tiny_data, tmp_path):
     assert holder(run) == "" and not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
 
 
+def test_a_burst_of_sigterms_while_preparing_stops_once_without_debris(tmp_path):
+    """Outside the training loop a SIGTERM ends the command with its cleanup; further ones (Slurm
+    signals every process, a sweep passes its own on) change nothing. Before, each repeat raised
+    again inside the cleanup and the exit: tracebacks, and death by SIGTERM instead of exit 130."""
+    data = tmp_path / "data"
+    sets = [f"task.data_dir={data}", f"model.path={data / 'model'}", "task.train_size=200", "task.val_size=8",
+            "task.test_size=8", "task.ood_size=8", "task.pretrain_size=200", "model.pretrain_steps=100000",
+            "model.pretrain_batch_size=4"]
+    proc = subprocess.Popen([AMFT, "prepare", "--preset", "tiny-gp", *flags(sets)], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: (data.is_dir() and any(data.glob(".model-*"))) or proc.poll() is not None, timeout=120)
+    time.sleep(0.5)  # pre-training the tiny model
+    for _ in range(10):
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.01)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip() == "interrupted: stopped by SIGTERM (nothing half-written is kept: run the command again)"
+    assert not list(data.glob(".model-*")) and not (data / "model").exists()
+
+
 def test_sigterm_checkpoints_and_stops_and_a_second_one_changes_nothing(tiny_data, tmp_path):
     """A scheduler's SIGTERM (preemption) stops training after the current step with a checkpoint
     of it, exit 130 and the --resume line, as Ctrl-C does; --resume then goes on. A second SIGTERM
