@@ -236,7 +236,8 @@ def test_a_schedulers_sigterm_to_every_process_checkpoints_once(tiny_data, tmp_p
     work = ["train.prompts_per_step=32", "rl.group_size=8", "rl.max_new_tokens=32", "train.save_every=1000"]
     argv = [*LAUNCHERS["torchrun"], AMFT, "train", *sets(tiny_data), *flags(work), "--run-dir", str(run), "--plain",
             "--auto-resume"]  # the requeued job's command is the same
-    proc = subprocess.Popen([*argv, "--steps", "400"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([*argv, "--steps", "400"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     wait_until(lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 4,
                timeout=300)  # past warm-up: RL steps of ~1 s
     *workers, torchrun = process_tree(proc.pid)
