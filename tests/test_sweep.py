@@ -278,6 +278,12 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert (folder / "plots" / "sweep.png").is_file()
 
 
+def _hangups_not_ignored() -> None:
+    """A sweep started from a terminal, even when these tests run under nohup (whose ignored SIGHUP
+    every child would inherit, and a sweep keeps ignoring)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "SIGHUP", "terminal Ctrl-C"])
 def test_a_signal_to_the_sweep_stops_its_running_cell_with_a_checkpoint(how, tmp_path):
     """`kill PID` / `kill -INT PID` of the sweep alone, its terminal closing, or Ctrl-C in a terminal
@@ -288,7 +294,8 @@ def test_a_signal_to_the_sweep_stops_its_running_cell_with_a_checkpoint(how, tmp
     args = ["sweep", "--preset", "tiny-math", "--algo", "sft,rl", "--seeds", "0", "--name", "t", "--plain",
             *small_sets(tmp_path / "data"), "--set", "train.steps=400", "--set", "train.save_every=1000"]
     proc = subprocess.Popen([AMFT, *args], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)  # a group of its own, as a terminal's job
+                            text=True, start_new_session=True,  # a group of its own, as a terminal's job
+                            preexec_fn=_hangups_not_ignored)
     metrics = folder / "runs" / "sft-s0" / "metrics.jsonl"
     wait_until(lambda: (metrics.is_file() and metrics.read_text().count("\n") >= 3) or proc.poll() is not None,
                timeout=300)
