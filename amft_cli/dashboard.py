@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -81,10 +83,24 @@ def format_rate(steps_per_s: float) -> str:
     return f"{1 / steps_per_s:.1f} s/step"
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """stdout's reader has gone (`amft train | head`). rich would exit 1 on the spot, losing
+        the steps since the last checkpoint; instead the rest of the output goes to /dev/null,
+        one line on stderr says so, and the process stops as on SIGTERM (training: after this
+        step, with its checkpoint)."""
+        self.quiet = True
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+        print("stdout was closed by its reader: stopping (a run checkpoints its step first)", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def output_console(stderr: bool = False) -> Console:
     """A rich console that, off a terminal (a log file, a pipe, CI), never wraps a line: a message
     stays one line for whoever greps or parses the log (rich would break it at 80 columns)."""
-    console = Console(stderr=stderr)
+    console = _Console(stderr=stderr)
     console.soft_wrap = not console.is_terminal
     return console
 

@@ -3,6 +3,7 @@ and a run directory is never silently overwritten."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -116,6 +117,24 @@ def test_eval_of_a_folder_that_is_not_a_model(tmp_path):
 
 def test_eval_with_a_bad_split(trained_run, tmp_path):
     assert_one_line_error(amft("eval", "--run", str(trained_run), "--split", "train", cwd=tmp_path), "--split")
+
+
+def test_a_closed_stdout_stops_training_with_a_checkpoint(trained_run, workdir, tmp_path):
+    """`amft train | head -3`: once the reader has gone, the run stops after its step with a
+    checkpoint of it, says so on stderr and exits 130 (rich's default exits 1 at the failed write,
+    without one)."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([AMFT, "train", "--algo", "sft", *small_sets(workdir / "data", 400), "--set",
+                             "train.save_every=1000", "--set", "train.log_every=1", "--run-dir", str(run), "--plain"],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    head = [proc.stdout.readline() for _ in range(3)]
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert proc.returncode == 130, (head, err)
+    assert err.strip() == "stdout was closed by its reader: stopping (a run checkpoints its step first)"
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]["step"]
+    assert 1 <= last < 400 and sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{last}"]
 
 
 def test_auto_resume_starts_continues_and_refuses_another_config(trained_run, workdir, tmp_path):
