@@ -164,7 +164,7 @@ def _continues(out: Path, cfg: Config) -> bool:
     differ = config_differences(out, cfg, ignore=("train.steps",)) if (out / CONFIG_FILE).is_file() else []
     if differ:
         raise ConfigError(f"--auto-resume: {out} holds a run with another config ({', '.join(differ[:5])} differ): "
-                          f"--overwrite replaces it, --run-dir picks another directory")
+                          f"--resume {out} continues it with these settings, --overwrite replaces it")
     return bool(checkpoints(out))
 
 

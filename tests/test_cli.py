@@ -152,7 +152,8 @@ def test_auto_resume_starts_continues_and_refuses_another_config(trained_run, wo
     metrics = (run / "metrics.jsonl").read_text()
     assert metrics.startswith(two_steps) and metrics.count("\n") == 4
     other = amft(*args, *small_sets(workdir / "data", 4), "--set", "train.lr=0.5", cwd=tmp_path)
-    assert_one_line_error(other, f"--auto-resume: {run} holds a run with another config (train.lr differ)")
+    assert_one_line_error(other, f"--auto-resume: {run} holds a run with another config (train.lr differ): "
+                                 f"--resume {run} continues it with these settings")
     assert (run / "metrics.jsonl").read_text() == metrics
     shutil.rmtree(run / "checkpoints")  # as if killed before its first checkpoint: nothing to continue
     fresh = amft(*args, *small_sets(workdir / "data", 1), cwd=tmp_path)
