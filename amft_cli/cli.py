@@ -371,6 +371,8 @@ def main() -> None:
             traceback.print_exc()
         raise
     finally:
+        if code == report.EXIT_INTERRUPTED:  # Python's teardown resets handlers: a repeat SIGTERM would kill it
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         parallel.shutdown(code)
 
 

@@ -109,6 +109,10 @@ def tiny_sets(data_dir: Path, model_dir: Path | None = None) -> list[str]:
             "eval.batch_size=16", "eval.max_new_tokens=6", "train.save_every=3", "train.log_every=1"]
 
 
+# tiny_sets' RL steps made ~1 s long, so a signal sent during one lands before it ends
+SECOND_LONG_STEPS = ["train.prompts_per_step=32", "rl.group_size=8", "rl.max_new_tokens=32", "train.save_every=1000"]
+
+
 def flags(sets: list[str]) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 

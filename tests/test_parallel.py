@@ -42,7 +42,8 @@ from amft_cli.config import ConfigError
 from amft_cli.metrics import read_metrics
 from amft_cli.parallel import Processes
 from amft_cli.train import check_processes
-from amft_runs import assert_intact, comparable, flags, one_line_error, tiny_sets, wait_until
+from amft_runs import (SECOND_LONG_STEPS, assert_intact, comparable, flags, one_line_error, tiny_sets,
+                       wait_until)
 
 BIN = Path(sys.executable).parent
 AMFT = str(BIN / "amft")
@@ -233,8 +234,7 @@ def test_a_schedulers_sigterm_to_every_process_checkpoints_once(tiny_data, tmp_p
     an abort: both processes end the same step, write its checkpoint and stop; the requeued job's
     command (--auto-resume) continues from there."""
     run = tmp_path / "run"
-    work = ["train.prompts_per_step=32", "rl.group_size=8", "rl.max_new_tokens=32", "train.save_every=1000"]
-    argv = [*LAUNCHERS["torchrun"], AMFT, "train", *sets(tiny_data), *flags(work), "--run-dir", str(run), "--plain",
+    argv = [*LAUNCHERS["torchrun"], AMFT, "train", *sets(tiny_data), *flags(SECOND_LONG_STEPS), "--run-dir", str(run), "--plain",
             "--auto-resume"]  # the requeued job's command is the same
     proc = subprocess.Popen([*argv, "--steps", "400"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

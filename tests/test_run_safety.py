@@ -21,8 +21,8 @@ import torch
 
 from amft_cli.checkpoint import checkpoint_dirs, load_trainer_state
 from amft_cli.metrics import read_metrics
-from amft_runs import (assert_intact, comparable, flags, one_line_error, same_weights, tiny_sets,
-                       wait_until)
+from amft_runs import (SECOND_LONG_STEPS, assert_intact, comparable, flags, one_line_error, same_weights,
+                       tiny_sets, wait_until)
 
 AMFT = str(Path(sys.executable).parent / "amft")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -106,8 +106,7 @@ def test_sigterm_checkpoints_and_stops_and_a_second_one_changes_nothing(tiny_dat
     during that step (Slurm signals every process, and a sweep or torchrun passes its own on) is
     the same request: the step still ends with its checkpoint. Steps here take ~1 s (a second
     SIGTERM used to kill the process at once: exit -15, no checkpoint of that step)."""
-    work = ["train.prompts_per_step=32", "rl.group_size=8", "rl.max_new_tokens=32", "train.save_every=1000"]
-    run, sets = tmp_path / "run", flags(tiny_sets(tiny_data) + work)
+    run, sets = tmp_path / "run", flags(tiny_sets(tiny_data) + SECOND_LONG_STEPS)
     reached = 0
     for attempt in ("first", "resumed"):
         args = [*sets, "--run-dir", str(run)] if attempt == "first" else ["--resume", str(run)]
