@@ -111,7 +111,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time the hand-written forward under torch.compile")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    row = bench_step.OursRow("rl", "rl", 10**9)
+    row = bench_step.OursRow("rl", "rl", 10**9, "float32")
     pol, group_size = row.run.policy, bench_step.GROUP
     model, pad = pol.model, pol.tokenizer.pad_token_id
     prompts = [pol.prompt_ids(ex) for ex in load_split(row.cfg, "train")[: bench_step.PROMPTS]]

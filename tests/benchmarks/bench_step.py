@@ -46,8 +46,9 @@ PROMPTS, GROUP, MAX_NEW_TOKENS, RL_LR = 32, 8, 12, 1e-5
 WORKER_TAG = "TRL_STEP "
 
 
-def bench_config(algo: str, meta_every: int):
-    """presets/tiny-math.toml with the benchmark's work; data paths made absolute."""
+def bench_config(algo: str, meta_every: int, dtype: str = "float32"):
+    """presets/tiny-math.toml with the benchmark's work; data paths made absolute. dtype
+    bfloat16: bf16 autocast over fp32 master weights (model.dtype), as TRL's bf16=True."""
     from amft_cli.config import validate
     from amft_cli.config_io import apply_overrides, load_preset
 
@@ -55,7 +56,7 @@ def bench_config(algo: str, meta_every: int):
     apply_overrides(cfg, [
         f"train.algo={algo}", f"train.prompts_per_step={PROMPTS}", f"rl.group_size={GROUP}",
         f"rl.max_new_tokens={MAX_NEW_TOKENS}", f"train.rl_lr={RL_LR}", "rl.kl_beta=0",
-        "model.device=cpu", "amft.warmup_steps=0", f"amft.meta_every={meta_every}",
+        "model.device=cpu", "amft.warmup_steps=0", f"amft.meta_every={meta_every}", f"model.dtype={dtype}",
     ])
     cfg.task.data_dir = str(ROOT / cfg.task.data_dir)
     cfg.model.path = str(ROOT / cfg.model.path)
@@ -79,11 +80,11 @@ def summarize(label: str, records: list[dict], warmup: int) -> dict:
 class OursRow:
     """One configuration of our trainer on a fresh policy, stepped one train_step at a time."""
 
-    def __init__(self, label: str, algo: str, meta_every: int) -> None:
+    def __init__(self, label: str, algo: str, meta_every: int, dtype: str) -> None:
         from amft_cli import train
 
         self.label, self.algo, self.meta_every, self.train = label, algo, meta_every, train
-        self.cfg = bench_config(algo, meta_every)
+        self.cfg = bench_config(algo, meta_every, dtype)
         self.run, self.method, self.optimizers = train.setup(self.cfg, on_message=lambda msg: None)
         self.records: list[dict] = []
 
@@ -110,7 +111,8 @@ def tiny_math_reward(prompts, completions, answer, **columns) -> list[float]:
     return [tiny_math.score({"answer": a}, c).reward for c, a in zip(completions, answer)]
 
 
-def run_trl(total_steps: int, after_step: Callable[[dict], None], trl_defaults: bool = False) -> None:
+def run_trl(total_steps: int, after_step: Callable[[dict], None], trl_defaults: bool = False,
+            dtype: str = "float32") -> None:
     """GRPOTrainer on the same model, prompts, verifier and work; after_step(record) after each step.
 
     A step is timed from the return of the previous after_step to the step's end,
@@ -123,7 +125,7 @@ def run_trl(total_steps: int, after_step: Callable[[dict], None], trl_defaults: 
 
     from amft_cli.data import load_split
 
-    cfg = bench_config("rl", 10**9)
+    cfg = bench_config("rl", 10**9, dtype)
     rows = load_split(cfg, "train")[: PROMPTS * total_steps]
     dataset = Dataset.from_list([{"prompt": ex["prompt"], "answer": ex["answer"]} for ex in rows])
     kernel = {} if cfg.model.attention == "auto" else {"attn_implementation": cfg.model.attention}
@@ -152,7 +154,7 @@ def run_trl(total_steps: int, after_step: Callable[[dict], None], trl_defaults: 
             after_step({"s": seconds, "rollout_s": generated[-1][0], "tokens": generated[-1][1]})
             self.resumed = time.perf_counter()
 
-    precision = {} if trl_defaults else {"bf16": False, "gradient_checkpointing": False}
+    precision = {} if trl_defaults else {"bf16": dtype == "bfloat16", "gradient_checkpointing": False}
     with tempfile.TemporaryDirectory() as out_dir:
         args = GRPOConfig(
             output_dir=out_dir, use_cpu=True, seed=cfg.seed, **precision,
@@ -179,7 +181,7 @@ def trl_worker(args) -> None:
         print(WORKER_TAG + json.dumps(record), flush=True)
         sys.stdin.readline()
 
-    run_trl(args.warmup + args.steps, after_step, args.trl_defaults)
+    run_trl(args.warmup + args.steps, after_step, args.trl_defaults, args.dtype)
 
 
 def run_trl_subprocess(args, between: Callable[[], None]) -> list[dict] | None:
@@ -192,7 +194,7 @@ def run_trl_subprocess(args, between: Callable[[], None]) -> list[dict] | None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     cmd = [str(python), __file__, "--trl-worker", "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--threads", str(args.threads)] + (["--trl-defaults"] if args.trl_defaults else [])
+           "--threads", str(args.threads), "--dtype", args.dtype] + (["--trl-defaults"] if args.trl_defaults else [])
     records: list[dict] = []
     with tempfile.TemporaryFile("w+") as errors:  # a file, not a pipe: TRL's warnings can't block it
         with subprocess.Popen(cmd, env=env, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -237,6 +239,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed rounds (each row reports its median step)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (>= 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, the same for both halves")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="both trainers' compute: bfloat16 = autocast over fp32 weights (TRL's bf16=True)")
     p.add_argument("--trl", action="store_true", help="also run TRL's GRPOTrainer and print TRL/ours")
     p.add_argument("--trl-defaults", action="store_true",
                    help="keep TRL's own bf16 autocast and gradient checkpointing (not the same work as ours)")
@@ -259,8 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     hf_logging.disable_progress_bar()
     if args.trl_worker:
         return trl_worker(args)
-    ours = [OursRow("ours GRPO (rl)", "rl", 10**9), OursRow("ours AMFT (mixed)", "amft", 10**9),
-            OursRow("ours AMFT (meta-grad step)", "amft", 1)]
+    ours = [OursRow("ours GRPO (rl)", "rl", 10**9, args.dtype), OursRow("ours AMFT (mixed)", "amft", 10**9, args.dtype),
+            OursRow("ours AMFT (meta-grad step)", "amft", 1, args.dtype)]
 
     def our_round() -> None:
         for row in ours:
@@ -270,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     in_process = args.trl and not args.trl_subprocess and trl_imports_here()
     if in_process:
         trl_records = []
-        run_trl(rounds, lambda record: (trl_records.append(record), our_round()), args.trl_defaults)
+        run_trl(rounds, lambda record: (trl_records.append(record), our_round()), args.trl_defaults, args.dtype)
     elif args.trl:
         trl_records = run_trl_subprocess(args, our_round)
     while len(ours[0].records) < rounds:  # no TRL, or it failed part way (reason printed)
@@ -279,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     trl_label = "TRL GRPO" + (f" ({', '.join(notes)})" if notes else "")
     trl = summarize(trl_label, trl_records, args.warmup) if trl_records else None
     print(f"\n{PROMPTS} prompts x {GROUP} completions, <= {MAX_NEW_TOKENS} new tokens, rl lr {RL_LR:g}; "
-          f"median of {args.steps} interleaved rounds after {args.warmup} warm-up; {versions()}")
+          f"median of {args.steps} interleaved rounds after {args.warmup} warm-up; {versions()}, {args.dtype} compute")
     print("rollout = share of the step generating the training completions; compl/s, tok/s = training "
           "completions and their tokens per second of whole step; TRL/ours = TRL s/step / row s/step\n")
     print_table([summarize(row.label, row.records, args.warmup) for row in ours], trl)
