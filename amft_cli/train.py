@@ -133,11 +133,9 @@ def lr_factor(step: int, cfg: Config) -> float:
 
 
 def make_optimizers(policy: Policy, cfg: Config) -> dict[str, torch.optim.Optimizer]:
-    def adamw(lr: float):
-        return torch.optim.AdamW(policy.params, lr=lr, weight_decay=cfg.train.weight_decay)
-    opts = {"sft": adamw(cfg.train.lr)}
+    opts = {"sft": policy.adamw(cfg.train.lr, cfg.train.weight_decay)}
     if cfg.train.rl_lr > 0:
-        opts["rl"] = adamw(cfg.train.rl_lr)
+        opts["rl"] = policy.adamw(cfg.train.rl_lr, cfg.train.weight_decay)
     return opts
 
 

@@ -329,5 +329,5 @@ def test_run_eval_with_a_real_tiny_model_agrees_with_its_samples_file(tmp_path):
             assert (r["status"], r["reward"]) == (score.status, score.reward)
         assert results[split]["avg@k"] == pytest.approx(sum(r["status"] == "correct" for r in sampled) / 18)
         assert results[split]["greedy_accuracy"] == pytest.approx(sum(r["status"] == "correct" for r in greedy) / 6)
-    again = evaluate.run_eval(cfg, cfg.model.path, tmp_path / "eval2", which="id", k=3, progress=False)
+    evaluate.run_eval(cfg, cfg.model.path, tmp_path / "eval2", which="id", k=3, progress=False)
     assert read_jsonl(tmp_path / "eval2" / "test.samples.jsonl") == read_jsonl(tmp_path / "eval" / "test.samples.jsonl")

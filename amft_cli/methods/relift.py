@@ -65,7 +65,7 @@ class ReLIFT(Method):
     def __init__(self, cfg: Config, policy: Policy) -> None:
         super().__init__(cfg, policy)
         self.buffer, self.policy = HardestBuffer(), policy
-        self.optimizer = torch.optim.AdamW(policy.params, lr=cfg.relift.lr, weight_decay=cfg.relift.weight_decay)
+        self.optimizer = policy.adamw(cfg.relift.lr, cfg.relift.weight_decay)
         self.hardest = 0
 
     @classmethod

@@ -15,6 +15,9 @@ the first and the ratio to the row's baseline. The ratios are the claim, not the
     loss     shared      the same through policy.shared_prompt_logits (prompt once per group)
     loss     shared bf16 the same under bf16 autocast
     loss     lora        shared, LoRA r16 on every linear layer instead of full fine-tuning
+    optim    ours        one AdamW step over the full model's parameters as the trainer builds it
+                         (Policy.adamw: torch's fused kernel on CPU), lr 0 so the weights stay put
+    optim    torch default  the same step with torch.optim.AdamW's defaults (for-loop on CPU)
 """
 
 from __future__ import annotations
@@ -58,7 +61,9 @@ def main() -> None:
     cfg = load_preset(str(ROOT / "presets" / "smol-math.toml"))
     cfg.task.data_dir = str(ROOT / cfg.task.data_dir)
     cfg.model.local_copy = str(ROOT / cfg.model.local_copy)
-    full, tok = load_policy(dataclasses.replace(cfg.model, lora_rank=0, gradient_checkpointing=False),
+    # full fine-tuning trains fp32 weights (bf16 only under autocast, policy.load_for_training);
+    # LoRA keeps the preset's bf16 base weights
+    full, tok = load_policy(dataclasses.replace(cfg.model, lora_rank=0, dtype="float32", gradient_checkpointing=False),
                             torch.device("cpu"))
     lora, _ = load_policy(dataclasses.replace(cfg.model, lora_rank=16, gradient_checkpointing=False),
                           torch.device("cpu"))
@@ -96,10 +101,22 @@ def main() -> None:
             policy.model.zero_grad(set_to_none=True)
         return run
 
+    grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in policies["full"].params]
+
+    def optim(optimizer):  # lr 0: every moment and weight is still read and written
+        def run():
+            for p, g in zip(policies["full"].params, grads):
+                p.grad = g
+            optimizer.step()
+            policies["full"].model.zero_grad(set_to_none=True)
+        return run
+
     rows = {"rollout ours": ours(full), "rollout hf generate": hf, "rollout ours bf16": ours(full, autocast=True),
             "rollout lora": ours(lora),
             "loss packed": loss(policies["full"], False), "loss shared": loss(policies["full"], True),
-            "loss shared bf16": loss(policies["bf16"], True), "loss lora": loss(policies["lora"], True)}
+            "loss shared bf16": loss(policies["bf16"], True), "loss lora": loss(policies["lora"], True),
+            "optim ours": optim(policies["full"].adamw(0.0, 0.0)),
+            "optim torch default": optim(torch.optim.AdamW(policies["full"].params, lr=0.0, weight_decay=0.0))}
     times: dict[str, list[float]] = {k: [] for k in rows}
     toks: dict[str, list[int]] = {k: [] for k in rows}
     for r in range(args.rounds + 1):
@@ -109,7 +126,8 @@ def main() -> None:
                 times[name].append(t)
                 toks[name].append(tokens["n"])
         print(f"round {r}/{args.rounds} done", file=sys.stderr)
-    base = {"rollout": statistics.median(times["rollout ours"]), "loss": statistics.median(times["loss shared"])}
+    base = {"rollout": statistics.median(times["rollout ours"]), "loss": statistics.median(times["loss shared"]),
+            "optim": statistics.median(times["optim ours"])}
     print(f"SmolLM2-135M-Instruct, {args.prompts} prompts x {args.group} samples, <= {args.new} new tokens, "
           f"{args.threads} threads, median of {args.rounds} interleaved rounds")
     print(f"{'row':24} {'s':>8} {'tokens/s':>9} {'time / baseline':>16}")
