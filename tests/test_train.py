@@ -415,9 +415,13 @@ def test_the_trainers_adamws_use_torchs_fused_kernel():
     from amft_cli import methods
 
     policy, cfg = toy_policy(), toy_cfg(rl_lr=0.01)
-    assert [o.defaults["fused"] for o in make_optimizers(policy, cfg).values()] == [True, True]
+    cfg.train.weight_decay, cfg.relift.lr, cfg.relift.weight_decay = 0.05, 0.02, 0.03
+    built = {name: (o.defaults["fused"], o.defaults["lr"], o.defaults["weight_decay"])
+             for name, o in make_optimizers(policy, cfg).items()}
+    assert built == {"sft": (True, 0.1, 0.05), "rl": (True, 0.01, 0.05)}
     cfg.train.algo = "relift"
-    assert methods.get("relift")(cfg, policy).optimizer.defaults["fused"] is True
+    relift = methods.get("relift")(cfg, policy).optimizer.defaults
+    assert (relift["fused"], relift["lr"], relift["weight_decay"]) == (True, 0.02, 0.03)
 
 
 def test_shared_mode_is_one_adamw_step_on_the_weighted_gradient():
