@@ -159,6 +159,12 @@ class RLConfig:
         "truncated at or masked beyond rl.sampler_is_cap: token_truncate | token_mask | sequence_truncate | "
         "sequence_mask (TRL's default) | none.")
     sampler_is_cap: float = knob(3.0, "C_max of rl.sampler_correction (TRL's vllm_importance_sampling_clip_max).")
+    skip_zero_advantage: bool = knob(
+        True, "Groups whose every row has advantage 0 (all rewards equal, GRPO's zero-std groups) add nothing to the "
+        "RL gradient when no KL or entropy term is trained: run them forward only (their loss, entropy and "
+        "sampler figures still count) and skip their backward. The same update with less work; false: "
+        "backward over every row, as TRL does. Not under FSDP (its collectives need the same passes on every "
+        "process). As prime-rl's zero-advantage filter and Relax's --skip-zero-advantage-backward.")
 
 
 @dataclass

@@ -10,6 +10,7 @@ completion tokens (the only ones any loss counts). With several training process
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -169,18 +170,19 @@ def sequence_logprobs(policy: Policy, prompts: list[list[int]], completions: lis
     return logprobs, entropy, mask
 
 
-# (logprobs, mask, rows, entropy) of one micro-batch -> (loss, stats)
+# (logprobs, mask, rows, entropy) of one micro-batch -> (loss, stats: name -> value or (value, weight))
 ChunkLoss = Callable[[torch.Tensor, torch.Tensor, slice, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
-def chunk_rows(group: list[int] | None, rows: int, micro_batch: int) -> list[slice]:
+def chunk_rows(group: list[int] | None, rows: int, micro_batch: int, split: int | None = None) -> list[slice]:
     """Row slices of at most micro_batch rows (0 = all at once) that never split a group; a
-    group larger than micro_batch is one chunk. group None: every row is its own group."""
+    group larger than micro_batch is one chunk. group None: every row is its own group.
+    split: no slice crosses this row (a group boundary)."""
     sizes = group_runs(group) if group is not None else [1] * rows
     limit = micro_batch or rows
     chunks, start, size = [], 0, 0
     for n in sizes:
-        if size and size + n > limit:
+        if size and (size + n > limit or start + size == split):
             chunks.append(slice(start, start + size))
             start, size = start + size, 0
         size += n
@@ -191,41 +193,52 @@ def chunk_rows(group: list[int] | None, rows: int, micro_batch: int) -> list[sli
 
 def grads_in_chunks(policy: Policy, prompts: list[list[int]], completions: list[list[int]],
                     chunk_loss: ChunkLoss, micro_batch: int = 0, group: list[int] | None = None,
-                    entropy_grad: bool = False) -> tuple[list[torch.Tensor], float, dict]:
+                    entropy_grad: bool = False, forward_only_from: int | None = None,
+                    ) -> tuple[list[torch.Tensor], float, dict]:
     """Gradients (one tensor per trainable parameter) of a batch loss computed micro_batch
     sequences at a time (0 = all at once; groups are never split). chunk_loss(logprobs, mask,
     rows, entropy) must normalise by whole-batch counts so the chunks add up to the batch loss
     (algo.aggregate's num_tokens). group: per-row group ids for the shared-prompt forward.
+    forward_only_from: rows from this index on have a loss without gradient (e.g. GRPO's
+    zero-advantage groups): they run without autograd and add only their loss and stats; a
+    non-zero finite loss there is a bug of whoever said so, and raises.
     Several processes: the rows are this process's share of the batch, the normalisers count
     the whole batch, and gradients, loss and stats are summed over the processes.
     Returns (grads, loss value, stats: entropy = mean response-token entropy, plus chunk stats
-    averaged by token count)."""
+    averaged over the chunks by token count, or by the weight a chunk gives as (value, weight))."""
     sharded = policy.dist.sharded  # FSDP: backward() reduce-scatters into each shard's .grad (sharding.py)
     grads = [torch.zeros_like(p) for p in policy.params] if not sharded else []
-    loss_value, tokens, sums = 0.0, 0.0, {"entropy": 0.0}
-    for rows in chunk_rows(group, len(prompts), micro_batch):
-        logprobs, entropy, mask = sequence_logprobs(policy, prompts[rows], completions[rows],
+    loss_value, sums, weights = 0.0, {}, {}
+    split = len(prompts) if forward_only_from is None else forward_only_from
+    for rows in chunk_rows(group, len(prompts), micro_batch, split):
+        train = rows.stop <= split
+        logprobs, entropy, mask = sequence_logprobs(policy, prompts[rows], completions[rows], grad=train,
                                                     group=group[rows] if group is not None else None,
                                                     entropy_grad=entropy_grad)
         loss, stats = chunk_loss(logprobs, mask, rows, entropy)
-        if sharded:
+        if not train:
+            if loss.item() != 0.0 and math.isfinite(loss.item()):
+                raise RuntimeError(f"rows {rows.start}..{rows.stop - 1} were said to have no gradient, "
+                                   f"but their loss is {loss.item()}")
+        elif sharded:
             loss.backward()
         else:
             for g, new in zip(grads, torch.autograd.grad(loss, policy.params, allow_unused=True)):
                 if new is not None:
                     g += new
         n = mask.sum().item()
-        loss_value, tokens = loss_value + loss.item(), tokens + n
-        sums["entropy"] += (entropy.detach() * mask).sum().item()
-        for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + v * n
+        loss_value += loss.item()
+        for k, v in {"entropy": ((entropy.detach() * mask).sum().item() / max(n, 1.0), n), **stats}.items():
+            value, weight = v if isinstance(v, tuple) else (v, n)
+            sums[k], weights[k] = sums.get(k, 0.0) + value * weight, weights.get(k, 0.0) + weight
     if sharded:  # FSDP averaged the processes' gradients: their sum (sharding.py)
         grads = [p.grad * policy.dist.count if p.grad is not None else torch.zeros_like(p) for p in policy.params]
         for p in policy.params:
             p.grad = None
     keys = list(sums)  # the same order on every process (the same code made them)
-    loss_value, tokens, *totals = policy.dist.sum_floats([loss_value, tokens] + [sums[k] for k in keys])
-    return policy.dist.sum_grads(grads), loss_value, {k: v / max(tokens, 1.0) for k, v in zip(keys, totals)}
+    loss_value, *totals = policy.dist.sum_floats([loss_value] + [sums[k] for k in keys] + [weights[k] for k in keys])
+    return policy.dist.sum_grads(grads), loss_value, {k: totals[i] / max(totals[len(keys) + i], 1.0)
+                                                      for i, k in enumerate(keys)}
 
 
 # (logprobs, mask, entropy, num_tokens of the whole batch) -> (loss, stats)

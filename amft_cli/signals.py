@@ -15,13 +15,13 @@ from __future__ import annotations
 import functools
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
 import torch
 
 from amft_cli.config import Config
-from amft_cli.policy import Policy, grads_in_chunks
+from amft_cli.policy import Policy, grads_in_chunks, group_runs
 from amft_cli.revise import revision_rollouts
 from amft_cli.rewards import RewardFn, score_completions
 from amft_cli import algo
@@ -170,6 +170,26 @@ class SamplerGap:
                 "rollout/is_capped_frac": capped / max(rows, 1.0)}
 
 
+def trainable_first(batch: RLBatch, no_gradient: torch.Tensor) -> tuple[RLBatch, int]:
+    """The batch with the groups whose every row has no gradient (no_gradient (N,) bool) moved to
+    its end, both parts in their order. Returns (batch, number of rows before them)."""
+    r, head, tail, start = batch.rollouts, [], [], 0
+    for size in group_runs(r.group):
+        (tail if bool(no_gradient[start:start + size].all()) else head).extend(range(start, start + size))
+        start += size
+    if not tail:
+        return batch, len(head)
+    order = head + tail
+
+    def pick(rows: list) -> list:
+        return [rows[i] for i in order]
+
+    rollouts = Rollouts(*(pick(getattr(r, f.name)) for f in fields(r)))
+    index = torch.tensor(order, device=batch.rewards.device)
+    return replace(batch, rollouts=rollouts, examples=pick(batch.examples), rewards=batch.rewards[index],
+                   statuses=pick(batch.statuses), advantages=batch.advantages[index]), len(head)
+
+
 def add_demonstrations(policy: Policy, rollouts: Rollouts, examples: list[dict]) -> Rollouts:
     """Each group with its example's demonstration as one more row at its end, flagged
     off-policy, behaviour log-probs unknown (an expert wrote it); the demonstration ends with
@@ -240,6 +260,10 @@ def rl_signal(run: Run, examples: list[dict], method, timer: PhaseTimer) -> tupl
         batch = RLBatch(rollouts, grouped, rewards, statuses, method.advantages(rewards, rollouts),
                         num_tokens, int(num_seqs))
     with timer("losses"):
+        trained = len(batch.advantages)
+        if cfg.rl.skip_zero_advantage and not policy.dist.sharded:
+            batch, trained = trainable_first(batch, method.zero_gradient_rows(batch))
+        rollouts = batch.rollouts
         prompts, completions = rollouts.prompt_ids, rollouts.completion_ids
         gap = SamplerGap(cfg.rl.sampler_correction, cfg.rl.sampler_is_cap)
 
@@ -249,8 +273,10 @@ def rl_signal(run: Run, examples: list[dict], method, timer: PhaseTimer) -> tupl
             return method.rl_loss(logprobs, mask, batch, rows, ref, entropy, gap.weights(logprobs, mask, batch, rows))
 
         grads, loss, chunk_stats = grads_in_chunks(policy, prompts, completions, chunk_loss,
-                                                   cfg.train.micro_batch_size, rollouts.group, method.entropy_grad)
+                                                   cfg.train.micro_batch_size, rollouts.group, method.entropy_grad,
+                                                   forward_only_from=trained)
+        forward_only = policy.dist.sum_floats([float(len(prompts) - trained)])[0] / batch.num_seqs
     stats = {**rollout_stats(run, batch, timer.seconds.get("rollout", 0.0)), **gap.stats(policy.dist),
-             "policy/entropy": chunk_stats.pop("entropy"),
+             "policy/entropy": chunk_stats.pop("entropy"), "rl/forward_only_frac": forward_only,
              **{f"rl/{k}": v for k, v in chunk_stats.items()}, **revision}
     return grads, loss, stats

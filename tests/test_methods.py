@@ -111,7 +111,7 @@ def test_luffy_group_advantages_and_shaped_loss_by_hand():
     loss, stats = luffy.rl_loss(logprobs, torch.ones(4, 1), batch, slice(0, 4), None, entropy, torch.ones(4, 1))
     # samples: −A·ρ with ρ = 1; demo: −A·p/(p+γ) = −0.5·0.4/0.5; Σ / max_new_tokens; − 0.001·mean H
     assert loss.item() == pytest.approx((-0.5 + 0.5 + 0.5 - 0.4) / 4 - 0.001 * 2.0, rel=1e-5)
-    assert stats["off_policy_prob"] == pytest.approx(0.4)
+    assert stats["off_policy_prob"] == pytest.approx((0.4, 1.0))  # (mean, its weight: demonstration tokens)
     loss.backward()
     # ∂/∂log p of −A·p/(p+γ) is −A·γp/(p+γ)² = −0.5·0.04/0.25 = −0.08
     assert logprobs.grad.flatten().tolist() == pytest.approx([-0.125, 0.125, 0.125, -0.02], abs=1e-6)

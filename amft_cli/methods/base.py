@@ -6,6 +6,7 @@
     shape_rollouts(run, rollouts, examples)   e.g. add off-policy rows to groups │ μ < 1 (*)
     observe(run, examples, rollouts, ...)     see the scored groups (buffers)    │
     advantages(rewards, rollouts)             per-row advantages                 │
+    zero_gradient_rows(batch)                 rows rl_loss gives no gradient     │
     rl_loss(logprobs, mask, batch, rows, ...) the RL loss of a micro-batch       ┘
     sft_examples(run, rl_examples)            the demonstrations of this step    ┐ only when
     sft_loss(logprobs, mask, entropy, n)      the SFT loss of a micro-batch      ┘ μ > 0 (*)
@@ -90,6 +91,15 @@ class Method:
             logprobs, behaviour_logprobs(logprobs, batch, rows), batch.advantages[rows].to(logprobs.device),
             mask, rl.clip_eps, rl.clip_eps_high, rl.loss_agg, ref_logprobs, rl.kl_beta,
             batch.num_tokens, batch.num_seqs, is_weights)
+
+    def zero_gradient_rows(self, batch: RLBatch) -> torch.Tensor:
+        """(N,) bool: the rows whose term of rl_loss has no gradient, whatever θ, so the loop may run
+        them forward only (rl.skip_zero_advantage). Every term of the default loss (and LUFFY's) is
+        scaled by the row's advantage; a KL or entropy term gives every row a gradient. A method
+        whose loss has terms not scaled by the advantage overrides this (SRFT)."""
+        if self.cfg.rl.kl_beta > 0 or self.entropy_grad:
+            return torch.zeros(len(batch.advantages), dtype=torch.bool)
+        return batch.advantages == 0
 
     # --- the SFT batch
 

@@ -80,5 +80,5 @@ class LUFFY(Method):
         loss = loss - c.entropy_coeff * algo.aggregate(entropy, mask, "token-mean", batch.num_tokens)
         off_mask = mask * off_policy.unsqueeze(-1)
         stats = {"clip_frac": algo.masked_mean(clipped.float(), mask).item(),
-                 "off_policy_prob": algo.masked_mean(logprobs.detach().exp(), off_mask).item()}
+                 "off_policy_prob": (algo.masked_mean(logprobs.detach().exp(), off_mask).item(), off_mask.sum().item())}
         return loss, stats

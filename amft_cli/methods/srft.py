@@ -61,7 +61,11 @@ class SRFT(Method):
         tokens = torch.where(off_policy.unsqueeze(-1), demo, own) * is_weights  # sampler correction
         loss = algo.aggregate(tokens, mask, self.cfg.rl.loss_agg, batch.num_tokens, batch.num_seqs)
         own_mask = mask * (~off_policy & correct).unsqueeze(-1)
-        return loss, {"w_rl": algo.masked_mean(w_rl, own_mask).item()}
+        return loss, {"w_rl": (algo.masked_mean(w_rl, own_mask).item(), own_mask.sum().item())}
+
+    def zero_gradient_rows(self, batch: RLBatch) -> torch.Tensor:
+        """No row: a correct own rollout is trained on (srft_self_tokens) whatever its advantage."""
+        return torch.zeros(len(batch.advantages), dtype=torch.bool)
 
     def sft_examples(self, run: Run, rl_examples: list[dict]) -> list[dict]:
         return rl_examples
