@@ -278,7 +278,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="both trainers' compute: bfloat16 = autocast over fp32 weights (TRL's bf16=True)")
     p.add_argument("--warm-sft", type=int, default=0, metavar="S",
-                   help="start both trainers from the preset's model after S of our SFT steps (rewards vary)")
+                   help="start both trainers from the preset's model after S of our SFT steps (with "
+                        "--max-new-tokens 32, rewards vary)")
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, metavar="L",
                    help="completion cap of both trainers (default 12, the issue's work: no answer fits)")
     p.add_argument("--model", help=argparse.SUPPRESS)  # the worker's copy of the parent's model folder

@@ -53,7 +53,8 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(args.threads)
-    row = bench_step.OursRow("ours GRPO (rl)", "rl", 10**9, "float32")
+    # every backward, as TRL's step (every reward of this work is 0: the default skip would run none)
+    row = bench_step.OursRow("ours GRPO (rl)", "rl", 10**9, "float32", extra=("rl.skip_zero_advantage=false",))
     for _ in range(2):
         row.step()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
