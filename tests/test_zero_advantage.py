@@ -41,9 +41,10 @@ def rl_gradient(data_dir: Path, algo: str, skip: bool, *extra: str):
     return torch.cat([g.flatten() for g in grads]), loss, stats, calls
 
 
-@pytest.mark.parametrize("algo", SAMPLING)
-def test_skipping_zero_advantage_groups_keeps_the_gradient_and_the_figures(tiny_data, algo):
+@pytest.mark.parametrize("algo, micro_batch", [(name, 0) for name in SAMPLING] + [("rl", 8)])
+def test_skipping_zero_advantage_groups_keeps_the_gradient_and_the_figures(tiny_data, algo, micro_batch):
     extra = ["luffy.entropy_coeff=0"] if algo == "luffy" else []  # an entropy bonus trains every row
+    extra.append(f"train.micro_batch_size={micro_batch}")  # 8: two groups a chunk, on both sides of the split
     full, full_loss, full_stats, full_calls = rl_gradient(tiny_data, algo, False, *extra)
     fast, fast_loss, fast_stats, fast_calls = rl_gradient(tiny_data, algo, True, *extra)
     assert full.abs().max() > 1e-4  # the varied groups carry a gradient
