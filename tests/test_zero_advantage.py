@@ -54,7 +54,9 @@ def test_skipping_zero_advantage_groups_keeps_the_gradient_and_the_figures(tiny_
     share = fast_stats.pop("rl/forward_only_frac")
     assert fast_stats.keys() == full_stats.keys()
     for key, value in full_stats.items():
-        if not key.startswith("time/") and key != "rollout/tokens_per_s":
+        if key.startswith(("rollout/logprob_diff", "rollout/is_weight")):  # sampler vs trainer: float noise ~1e-6
+            assert fast_stats[key] == pytest.approx(value, rel=0.0, abs=1e-5), key
+        elif not key.startswith("time/") and key != "rollout/tokens_per_s":
             assert fast_stats[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     # the rollouts run without autograd either way; the losses' shared-prompt forwards run each
     # group's prompt once, then its rows: those moved out of autograd cover exactly the share reported
