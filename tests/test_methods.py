@@ -146,7 +146,8 @@ def test_srft_weights_and_self_loss_by_hand():
     assert batch.advantages[2].item() == pytest.approx(a_demo, rel=1e-4)
     logprobs = torch.log(torch.tensor([[0.5], [0.25], [0.4]])).requires_grad_(True)
     entropy = torch.tensor([[LN2], [0.3], [0.0]])
-    loss, _ = srft.rl_loss(logprobs, torch.ones(3, 1), batch, slice(0, 3), None, entropy, torch.ones(3, 1))
+    loss, stats = srft.rl_loss(logprobs, torch.ones(3, 1), batch, slice(0, 3), None, entropy, torch.ones(3, 1))
+    assert stats["w_rl"] == pytest.approx((0.2, 1.0))  # (mean over the correct own tokens, their count)
     # correct own sample: 0.2·(−ln 0.5); wrong own sample: +ln 0.25; demo: −A·p; token mean
     expected = (0.2 * LN2 + math.log(0.25) - a_demo * 0.4) / 3
     assert loss.item() == pytest.approx(expected, rel=1e-4)

@@ -80,6 +80,15 @@ def test_rows_wrongly_said_to_have_no_gradient_are_caught(tiny_data, monkeypatch
         rl_gradient(tiny_data, "luffy", True)
 
 
+def test_a_stat_over_a_sub_mask_does_not_depend_on_the_micro_batches(tiny_data):
+    # LUFFY's off_policy_prob is a mean over the demonstration tokens only: chunks weigh it by
+    # those tokens (value, weight), not by all of theirs
+    _, _, whole, _ = rl_gradient(tiny_data, "luffy", False, "train.micro_batch_size=0")
+    _, _, chunked, _ = rl_gradient(tiny_data, "luffy", False, "train.micro_batch_size=4")  # one group a chunk
+    assert chunked["rl/off_policy_prob"] == pytest.approx(whole["rl/off_policy_prob"], rel=1e-5)
+    assert chunked["policy/entropy"] == pytest.approx(whole["policy/entropy"], rel=1e-5)
+
+
 def test_chunks_never_cross_the_split_or_a_group():
     group = [0, 0, 1, 1, 2, 2]
     assert chunk_rows(group, 6, 0, split=4) == [slice(0, 4), slice(4, 6)]

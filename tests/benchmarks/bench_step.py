@@ -81,14 +81,14 @@ def bench_config(algo: str, meta_every: int, dtype: str = "float32", model: str 
 def warm_model(sft_steps: int, out_dir: str) -> str:
     """The preset's model after `sft_steps` of our SFT (its batch, rate and schedule), saved to out_dir."""
     from amft_cli import train
+    from amft_cli.model import save_policy
 
     cfg = bench_config("sft", 10**9, extra=(f"train.steps={sft_steps}",))
     run, method, optimizers = train.setup(cfg, on_message=lambda msg: None)
     for _ in range(sft_steps):
         train.train_step(run, method, optimizers)
         run.cursors.step += 1
-    run.policy.model.save_pretrained(out_dir)
-    run.policy.tokenizer.save_pretrained(out_dir)
+    save_policy(run.policy.model, run.policy.tokenizer, out_dir)
     return out_dir
 
 
