@@ -270,13 +270,14 @@ def rl_signal(run: Run, examples: list[dict], method, timer: PhaseTimer) -> tupl
         def chunk_loss(logprobs, mask, rows, entropy):
             ref = (policy.ref_logprobs(prompts[rows], completions[rows], rollouts.group[rows])
                    if cfg.rl.kl_beta > 0 else None)
-            return method.rl_loss(logprobs, mask, batch, rows, ref, entropy, gap.weights(logprobs, mask, batch, rows))
+            loss, stats = method.rl_loss(logprobs, mask, batch, rows, ref, entropy,
+                                         gap.weights(logprobs, mask, batch, rows))
+            return loss, {**stats, "forward_only_frac": (float(rows.start >= trained), float(rows.stop - rows.start))}
 
         grads, loss, chunk_stats = grads_in_chunks(policy, prompts, completions, chunk_loss,
                                                    cfg.train.micro_batch_size, rollouts.group, method.entropy_grad,
                                                    forward_only_from=trained)
-        forward_only = policy.dist.sum_floats([float(len(prompts) - trained)])[0] / batch.num_seqs
     stats = {**rollout_stats(run, batch, timer.seconds.get("rollout", 0.0)), **gap.stats(policy.dist),
-             "policy/entropy": chunk_stats.pop("entropy"), "rl/forward_only_frac": forward_only,
+             "policy/entropy": chunk_stats.pop("entropy"),
              **{f"rl/{k}": v for k, v in chunk_stats.items()}, **revision}
     return grads, loss, stats
