@@ -21,7 +21,7 @@ from rich.markup import escape
 
 from amft_cli import cli_plot, methods, parallel, report
 from amft_cli.cli_options import (DEFAULT_PRESET, FAIL_UNDER, JSON_OUT, PRESET, SEED, SET, default_run_dir,
-                                  preset_name, resolve_config)
+                                  preset_name, resolve_config, root)
 from amft_cli.config import Config, ConfigError, validate
 from amft_cli.config_io import apply_overrides, field_help, list_presets
 from amft_cli.dashboard import output_console
@@ -40,6 +40,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions
                   help="AMFT: SFT and RL in one stage with a learned balance μ, and its baselines, in one engine."
                        "\n\nExample: amft train --preset tiny-math && amft eval --ood",
                   epilog=EXIT_CODES_HELP)
+app.callback()(root)
 app.add_typer(cli_plot.app, name="plot")
 
 

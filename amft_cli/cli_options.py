@@ -73,3 +73,17 @@ def default_run_dir(preset: str | None, cfg: Config, algo: str | None, seed: int
     name += f"-{algo}" if algo else ""
     name += f"-s{seed}" if seed is not None else ""
     return Path("runs") / name
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from amft_cli.provenance import version_line
+
+        typer.echo(version_line())
+        raise typer.Exit()
+
+
+def root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print the versions of amft-cli (and its commit) and of the packages "
+                                           "its numbers depend on, then exit.")) -> None:
+    pass  # `amft` itself has one option; typer's app help stays the app's

@@ -35,6 +35,7 @@ from typing import Callable
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from amft_cli import provenance
 from amft_cli.config import Config
 from amft_cli.data import load_split, prepare
 from amft_cli.fsio import user_io
@@ -322,6 +323,7 @@ def _evaluate_sets(cfg: Config, task, model_path, out_dir: Path, plan: dict, set
     model, tokenizer = _load_model(cfg, model_path)
     results = {}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    software = provenance.versions()  # what scored these samples, beside the verifier's version
     with Progress(*columns, disable=not progress) as bar:
         for split, examples in data.items():
             split_k = plan[split]["k"]
@@ -332,7 +334,7 @@ def _evaluate_sets(cfg: Config, task, model_path, out_dir: Path, plan: dict, set
             metrics["ood"] = plan[split]["ood"]
             record = {"split": split, "task": cfg.task.name, "checkpoint": model_path, "set_size": len(sets[split]),
                       "settings": {**s, "k": split_k, "greedy_only": greedy_only}, "metrics": metrics,
-                      "verifier": verifier_version()}
+                      "verifier": verifier_version(), "versions": software}
             with user_io(out_dir, f"writing the {split} results"):
                 scores_file, samples_file = split_files(out_dir, split)
                 write_jsonl(samples_file, rows)  # each through a temp file renamed into place

@@ -2,6 +2,7 @@
 
     runs/<name>/config.toml                resolved config
     runs/<name>/metrics.jsonl              one JSON line per step
+    runs/<name>/environment.jsonl          one JSON line per start: versions, commit, device (provenance.py)
     runs/<name>/checkpoints/step-N/        HF model folder + trainer state
     runs/<name>/eval/<split>.json          eval scores; <split>.samples.jsonl per sample
     runs/<name>/plots/                     figures

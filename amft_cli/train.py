@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from amft_cli import algo, guard, methods, parallel, sharding
+from amft_cli import algo, guard, methods, parallel, provenance, sharding
 from amft_cli.checkpoint import (checkpoint_dirs, load_trainer_state, restore_rng, rng_state,
                                  save_checkpoint)
 from amft_cli.config import Config, ConfigError
@@ -300,6 +300,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_metrics: Callable[[int, 
     elif evaluates:
         summary["before"] = quick_eval(policy, cfg, run.task)
         on_message(f"before training: {summary['before']['label']} {summary['before']['value']:.1%} on unseen ID test problems")
+    if dist.is_main:  # the software and machine of this start (provenance.py)
+        provenance.note_start(run_dir, run.cursors.step, str(policy.device), dist.count, on_message)
 
     def save() -> Path | None:
         return save_run(run_dir, run, method, optimizers, summary)
