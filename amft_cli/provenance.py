@@ -33,7 +33,8 @@ def source_revision() -> str | None:
     """The git commit amft_cli runs from ("1a2b3c4", "+dirty" with uncommitted changes), or None
     when it is installed from a wheel. Only the project's own checkout counts: a package inside
     some other repository (a venv in a user's project) would report that repository's commit."""
-    if not (CHECKOUT / ".git").exists() or not (CHECKOUT / "pyproject.toml").is_file():
+    project = CHECKOUT / "pyproject.toml"
+    if not (CHECKOUT / ".git").exists() or not project.is_file() or 'name = "amft-cli"' not in project.read_text():
         return None
     try:
         head = subprocess.run(["git", "-C", str(CHECKOUT), "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -30,11 +30,24 @@ def test_version_names_amft_its_commit_and_the_installed_packages():
         assert provenance.versions()["amft-cli commit"].split("+")[0] == head and f"({head}" in line
 
 
-def test_no_commit_outside_the_projects_own_checkout(tmp_path, monkeypatch):
+def test_a_commit_only_from_the_projects_own_checkout(tmp_path, monkeypatch):
     """A package inside some other git repository (a venv in a user's project) reports no commit."""
-    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
-    monkeypatch.setattr(provenance, "CHECKOUT", tmp_path)
-    assert provenance.source_revision() is None
+    repo = tmp_path / "repo"
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (repo / "site-packages").mkdir()
+    for checkout, project, expected in ((repo / "site-packages", None, None),   # inside another repository
+                                        (repo, 'name = "their-app"', None),     # another project's root
+                                        (repo, 'name = "amft-cli"', head)):     # ours
+        if project:
+            (repo / "pyproject.toml").write_text(f"[project]\n{project}\n")
+        monkeypatch.setattr(provenance, "CHECKOUT", checkout)
+        assert provenance.source_revision() == expected
+    (repo / "tracked").write_text("a")
+    subprocess.run([*git, "add", "tracked"], check=True)
+    assert provenance.source_revision() == head + "+dirty"
 
 
 def test_changes_name_each_version_that_moved_and_only_those():
