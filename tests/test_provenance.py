@@ -38,7 +38,10 @@ def test_a_commit_only_from_the_projects_own_checkout(tmp_path, monkeypatch):
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
     head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     (repo / "site-packages").mkdir()
+    (repo / "vendor").mkdir()  # our unpacked sdist inside their repository: its commit is not ours
+    (repo / "vendor" / "pyproject.toml").write_text('[project]\nname = "amft-cli"\n')
     for checkout, project, expected in ((repo / "site-packages", None, None),   # inside another repository
+                                        (repo / "vendor", None, None),
                                         (repo, 'name = "their-app"', None),     # another project's root
                                         (repo, 'name = "amft-cli"', head)):     # ours
         if project:
