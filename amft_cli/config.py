@@ -125,6 +125,9 @@ class TrainConfig:
                             "a from-scratch model trained at 1e-3 needs the decay to settle.")
     lr_min_ratio: float = knob(0.1, "cosine only: final learning rate as a fraction of the initial one.")
     log_every: int = knob(10, "Plain log line every N steps off a terminal (metrics.jsonl gets every step).")
+    report_to: list = knob([], "Trackers that mirror every step's numbers besides metrics.jsonl (as TRL's "
+                           "report_to): tensorboard (RUN/tensorboard/), wandb (project $WANDB_PROJECT, default "
+                           "amft-cli; WANDB_MODE applies). Each needs its package: pip install 'amft-cli[NAME]'.")
     save_every: int = knob(100, "Checkpoint every N steps (and at the end, and on Ctrl-C).")
     max_skipped_steps: int = knob(5, "A step whose loss, gradient or μ is not finite is skipped (weights, "
                                   "optimizer and μ untouched, logged as optim/skipped); this many in a row "
@@ -291,6 +294,8 @@ def validate(cfg: Config) -> Config:
         (0 <= cfg.mix.mu <= 1, "mix.mu", "a float in [0, 1]"),
         (cfg.sft_rl.switch_step >= 0, "sft_rl.switch_step", "an integer >= 0"),
         (cfg.train.lr_schedule in ("constant", "cosine"), "train.lr_schedule", "constant or cosine"),
+        (set(cfg.train.report_to) <= {"tensorboard", "wandb"}, "train.report_to",
+         f"a list of tensorboard and wandb, got {cfg.train.report_to}"),
         (cfg.rl.group_size >= 2, "rl.group_size", "an integer >= 2 (group-normalised advantages)"),
         (cfg.rl.backend in ("hf", "vllm"), "rl.backend", "hf or vllm"),
         (cfg.rl.sampler_correction in SAMPLER_CORRECTIONS, "rl.sampler_correction", " | ".join(SAMPLER_CORRECTIONS)),

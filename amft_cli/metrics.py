@@ -6,7 +6,7 @@ with the namespaced keys of DESIGN §6. Lines are flushed as they are
 written, so a run killed mid-way keeps every finished step; NaN and inf are
 written as null so every line is strict JSON. On `--resume` the file is cut
 back to the checkpoint's step first, so a resumed run's file equals an
-uninterrupted one's apart from "time". TensorBoard is an optional mirror.
+uninterrupted one's apart from "time". TensorBoard and W&B are optional mirrors (train.report_to).
 Events (a meta-gradient update, the end of warm-up) are metric keys too,
 e.g. `balance/meta_update = 1.0`, so the file stays one kind of line.
 
@@ -16,10 +16,11 @@ machines without it).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
-import sys
+import secrets
 import tempfile
 import time
 from pathlib import Path
@@ -90,14 +91,77 @@ def _truncate_to_step(path: Path, last_step: int) -> None:
         raise
 
 
+class TrackerError(ValueError):
+    """A tracker named in train.report_to cannot run here; printed as one line."""
+
+
+# train.report_to name -> the package it needs (pip install amft-cli[name] brings it)
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_trackers(names: list[str]) -> None:
+    """Before any work: every tracker asked for is installed (a run of hours should not find out
+    at its first step, nor log nowhere after a warning that scrolled away)."""
+    for name in names:
+        package = TRACKERS[name]
+        if importlib.util.find_spec(package) is None:
+            raise TrackerError(f"train.report_to: {name} needs the {package} package: pip install {package} "
+                               f"(or pip install 'amft-cli[{name}]'), or drop it from train.report_to")
+
+
+class TensorBoard:
+    """Scalars to RUN/tensorboard/; on resume, events past the checkpoint are purged (purge_step),
+    as metrics.jsonl is cut back."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None, config: dict) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        purge = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, global_step=step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandB:
+    """A W&B run named after the run directory, in project $WANDB_PROJECT (default amft-cli), files
+    under RUN/wandb/, the resolved config as its config; WANDB_MODE (online, offline, disabled) is
+    the user's. A resume continues the same W&B run (its id is kept in RUN/wandb/amft-run-id). W&B
+    ignores steps it has already seen: those logged past the checkpoint before a crash keep their
+    first values there (metrics.jsonl and TensorBoard are cut back exactly)."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None, config: dict) -> None:
+        import wandb
+
+        id_file = run_dir / "wandb" / "amft-run-id"
+        with user_io(id_file, "keeping the W&B run id"):
+            if resume_step is None or not id_file.is_file():
+                id_file.parent.mkdir(parents=True, exist_ok=True)
+                id_file.write_text(secrets.token_hex(4))  # W&B ids: lowercase letters and digits
+            run_id = id_file.read_text().strip()
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "amft-cli"), name=run_dir.name, id=run_id,
+                              dir=str(run_dir), config=config, resume="allow")
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricSink:
-    """Writes one metrics line per step; optionally mirrors scalars to TensorBoard.
+    """Writes one metrics line per step; mirrors its numbers to the trackers of train.report_to.
 
     A fresh run (resume_step None) starts a new metrics.jsonl; a resumed run
     keeps the lines up to and including resume_step and appends after them.
     """
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = False):
+    def __init__(self, run_dir: Path, resume_step: int | None = None, trackers: list[str] = (),
+                 config: dict | None = None):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
         with user_io(self.path, "opening the metrics file"):
@@ -109,39 +173,29 @@ class MetricSink:
             else:
                 _truncate_to_step(self.path, resume_step)
                 self._file = open(self.path, "a", encoding="utf-8")
-        self._tb = self._open_tensorboard(resume_step) if tensorboard else None
-
-    def _open_tensorboard(self, resume_step: int | None):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            print("warning: TensorBoard logging skipped: `pip install tensorboard` to enable it "
-                  f"(metrics still go to {self.path})", file=sys.stderr)
-            return None
-        # purge_step drops events past the checkpoint, as the JSONL truncation does
-        purge = None if resume_step is None else resume_step + 1
-        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge)
+        kinds = {"tensorboard": TensorBoard, "wandb": WandB}
+        self._trackers = [kinds[name](self.run_dir, resume_step, config or {}) for name in trackers]
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Append {"step", "time", **metrics} as one flushed JSON line."""
+        """Append {"step", "time", **metrics} as one flushed JSON line; numbers go to the trackers."""
         record = {"step": int(step), "time": round(time.time(), 3)}
         record.update({key: _clean(value) for key, value in metrics.items()
                        if key not in ("step", "time")})
         with user_io(self.path, "writing metrics"):
             self._file.write(json.dumps(record, allow_nan=False) + "\n")
             self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(key, value, global_step=record["step"])
+        scalars = {key: value for key, value in record.items() if key not in ("step", "time")
+                   and isinstance(value, (int, float)) and not isinstance(value, bool)}
+        for tracker in self._trackers:
+            tracker.log(record["step"], scalars)
 
     def close(self) -> None:
         if not self._file.closed:
             with user_io(self.path, "writing metrics"):
                 self._file.close()
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
 
     def __enter__(self) -> MetricSink:
         return self

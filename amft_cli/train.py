@@ -33,11 +33,11 @@ from amft_cli import algo, guard, methods, parallel, provenance, sharding
 from amft_cli.checkpoint import (checkpoint_dirs, load_trainer_state, restore_rng, rng_state,
                                  save_checkpoint)
 from amft_cli.config import Config, ConfigError
-from amft_cli.config_io import to_toml
+from amft_cli.config_io import to_dict, to_toml
 from amft_cli.data import load_split
 from amft_cli.fsio import user_io
 from amft_cli.methods.base import Method
-from amft_cli.metrics import MetricSink
+from amft_cli.metrics import MetricSink, check_trackers
 from amft_cli.policy import Policy, load_for_training, sft_grads
 from amft_cli.rewards import load_reward_fn
 from amft_cli.rollout import make_backend
@@ -285,6 +285,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_metrics: Callable[[int, 
     checkpoint = max(checkpoint_dirs(run_dir).items(), default=(None, None))[1] if resume else None
     saved = load_trainer_state(checkpoint) if checkpoint is not None else None
     check_processes(cfg, dist, saved, checkpoint)
+    check_trackers(cfg.train.report_to)
     run, method, optimizers = setup(cfg, checkpoint, on_message)
     policy = run.policy
     if dist.sharded:
@@ -307,7 +308,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_metrics: Callable[[int, 
         return save_run(run_dir, run, method, optimizers, summary)
 
     interrupted = False
-    sink = MetricSink(run_dir, resume_step=run.cursors.step if checkpoint else None) if dist.is_main else None
+    sink = MetricSink(run_dir, resume_step=run.cursors.step if checkpoint else None, trackers=cfg.train.report_to,
+                      config=to_dict(cfg)) if dist.is_main else None
     with sink or contextlib.nullcontext(), StopFlag() as stop:
         while run.cursors.step < cfg.train.steps:
             metrics = train_step(run, method, optimizers)
