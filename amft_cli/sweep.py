@@ -172,11 +172,13 @@ class Outcome:
     returncode: int = 0
 
 
-def _child_env(jobs: int) -> dict:
-    """Split the cores between concurrent runs unless the user set the thread count."""
+def _child_env(jobs: int, name: str) -> dict:
+    """Split the cores between concurrent runs unless the user set the thread count; with
+    train.report_to = wandb, the cells' W&B runs are grouped under the sweep's name."""
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    env.setdefault("WANDB_RUN_GROUP", name)
     return env
 
 
@@ -241,7 +243,7 @@ def run_grid(grid: Grid, cells: list[Cell], jobs: int = 1,
              stop: threading.Event | None = None) -> list[Outcome]:
     """Every cell, `jobs` at a time, in grid order. After an interrupted cell no new cell starts
     (the running ones got the same Ctrl-C, passed on, and checkpoint too); nor once `stop` is set."""
-    env, stop = _child_env(jobs), stop or threading.Event()
+    env, stop = _child_env(jobs, grid.name), stop or threading.Event()
     outcomes: list[Outcome] = []
 
     def work(cell: Cell) -> Outcome | None:

@@ -388,3 +388,14 @@ def test_sigterm_while_the_sweep_prepares_stops_the_prepare_without_debris(tmp_p
     assert not (tmp_path / "sweeps" / "t" / "runs").exists()  # no run started
     assert not _processes_mentioning(str(data))  # the prepare has ended too
 
+
+
+def test_cells_share_the_sweeps_thread_budget_and_wandb_group_unless_the_user_set_them(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("WANDB_RUN_GROUP", raising=False)
+    env = sweep._child_env(2, "grid-a")
+    assert env["WANDB_RUN_GROUP"] == "grid-a" and env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    monkeypatch.setenv("WANDB_RUN_GROUP", "mine")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    env = sweep._child_env(2, "grid-a")
+    assert env["WANDB_RUN_GROUP"] == "mine" and env["OMP_NUM_THREADS"] == "3"
