@@ -143,8 +143,12 @@ class WandB:
                 id_file.parent.mkdir(parents=True, exist_ok=True)
                 id_file.write_text(secrets.token_hex(4))  # W&B ids: lowercase letters and digits
             run_id = id_file.read_text().strip()
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "amft-cli"), name=run_dir.name, id=run_id,
-                              dir=str(run_dir), config=config, resume="allow")
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "amft-cli"), name=run_dir.name, id=run_id,
+                                  dir=str(run_dir), config=config, resume="allow")
+        except wandb.errors.Error as e:  # no account, no network, a bad setting: the user's to fix
+            raise TrackerError(f"train.report_to: W&B did not start: {e} (WANDB_MODE=offline logs without an "
+                               "account or a network; `wandb sync` uploads later)") from None
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         self.run.log(scalars, step=step)

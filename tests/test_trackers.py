@@ -43,6 +43,17 @@ def test_tensorboard_holds_every_number_of_metrics_jsonl_across_a_resume(tmp_pat
         assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars(key)] == logged
 
 
+@pytest.fixture
+def fresh_wandb():
+    """W&B keeps process-wide state (settings, its service) from one wandb.init to the next; a
+    user's run is one process, so each test here starts from none and leaves none."""
+    import wandb
+
+    wandb.teardown()
+    yield
+    wandb.teardown()
+
+
 def wandb_records(path: Path) -> list:
     """The protobuf records of a .wandb transaction log (a LevelDB-style log: 32 KiB blocks of
     [crc32, length, type] chunks after a 7-byte header), as W&B's offline mode writes it."""
@@ -65,7 +76,7 @@ def wandb_records(path: Path) -> list:
 
 
 def test_wandb_gets_every_number_and_the_config_and_a_resume_continues_the_same_run(tmp_path, tiny_data,
-                                                                                   monkeypatch):
+                                                                                   monkeypatch, fresh_wandb):
     monkeypatch.setenv("WANDB_MODE", "offline")  # no network here; the files are what a sync uploads
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "run"
@@ -102,6 +113,19 @@ def test_a_tracker_that_is_not_installed_stops_the_start_in_one_line(tmp_path, t
     assert str(raised.value).startswith("train.report_to: wandb needs the amft_no_such_package package: pip install")
     assert _is_user_error(raised.value)  # the CLI prints it as one line, exit 2
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # nothing written
+
+
+def test_wandb_that_cannot_start_stops_the_start_in_one_line(tmp_path, tiny_data, monkeypatch, fresh_wandb):
+    """Online W&B without an account (none here): its error in one line, with the offline way out."""
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc key
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = resolve_config("tiny-math", tiny_sets(tiny_data) + ["train.report_to=wandb", "train.eval_at_end=false"])
+    with pytest.raises(TrackerError) as raised:
+        train(cfg, tmp_path / "run", on_message=lambda msg: None)
+    message = str(raised.value)
+    assert message.startswith("train.report_to: W&B did not start: ") and "WANDB_MODE=offline" in message
+    assert "\n" not in message and _is_user_error(raised.value)
 
 
 def test_report_to_names_only_known_trackers():
