@@ -8,7 +8,6 @@ carries one JSON document and nothing else.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -21,7 +20,7 @@ from rich.markup import escape
 
 from amft_cli import cli_export, cli_plot, methods, parallel, report
 from amft_cli.cli_options import (DEFAULT_PRESET, FAIL_UNDER, JSON_OUT, PRESET, SEED, SET, default_run_dir,
-                                  preset_name, resolve_config, root)
+                                  emit_json, preset_name, resolve_config, root, stdout_reserved)
 from amft_cli.config import Config, ConfigError, validate
 from amft_cli.config_io import apply_overrides, field_help, list_presets
 from amft_cli.dashboard import output_console
@@ -43,20 +42,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions
 app.callback()(root)
 app.add_typer(cli_plot.app, name="plot")
 app.command("export", epilog=EXIT_CODES_HELP)(cli_export.export_cmd)
-
-
-@contextlib.contextmanager
-def stdout_reserved(json_out: bool):
-    """With --json, stdout is kept for the one JSON document: whatever is printed
-    meanwhile (progress, tables, library chatter) goes to stderr. Yields the real stdout."""
-    real = sys.stdout
-    with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext():
-        yield real
-
-
-def emit_json(document: dict, stream) -> None:
-    stream.write(json.dumps(document, indent=2) + "\n")
-    stream.flush()
 
 
 def exit_on_failed_gate(rows: list[dict]) -> None:

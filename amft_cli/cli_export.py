@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from amft_cli.cli_options import JSON_OUT, emit_json, stdout_reserved
 from amft_cli.dashboard import output_console
 
 console = output_console()
@@ -20,7 +21,8 @@ def export_cmd(out: Path = typer.Option(..., "--out", help="Folder to write the 
                dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: "
                                                    "the run's model.dtype)."),
                overwrite: bool = typer.Option(False, "--overwrite", help="Replace what --out holds, once the new "
-                                              "folder is complete.")):
+                                              "folder is complete."),
+               json_out: bool = JSON_OUT):
     """Write a run's checkpoint as one plain Hugging Face model folder (LoRA adapters merged), without
     the trainer state: what transformers or vLLM load to serve or share it.
 
@@ -29,11 +31,14 @@ def export_cmd(out: Path = typer.Option(..., "--out", help="Folder to write the 
     from amft_cli import rundir
     from amft_cli.export import export_checkpoint
 
-    if run is None:
-        run = rundir.latest_run()
-        console.print(f"[dim]using the most recent run: {run}[/]")
-    checkpoint = rundir.resolve_checkpoint(run, step)
-    done = export_checkpoint(checkpoint, rundir.read_config(run), out, dtype, overwrite)
-    merged = ", LoRA adapters merged" if done["merged_lora"] else ""
-    console.print(f"exported {checkpoint} to {done['out']}: {done['parameters']:,} parameters in {done['dtype']}"
-                  f"{merged}, {done['bytes'] / 1e6:.1f} MB", highlight=False)
+    with stdout_reserved(json_out) as stdout:
+        if run is None:
+            run = rundir.latest_run()
+            console.print(f"[dim]using the most recent run: {run}[/]")
+        checkpoint = rundir.resolve_checkpoint(run, step)
+        done = export_checkpoint(checkpoint, rundir.read_config(run), out, dtype, overwrite)
+        merged = ", LoRA adapters merged" if done["merged_lora"] else ""
+        console.print(f"exported {checkpoint} to {done['out']}: {done['parameters']:,} parameters in "
+                      f"{done['dtype']}{merged}, {done['bytes'] / 1e6:.1f} MB", highlight=False)
+        if json_out:
+            emit_json({"command": "export", "run": str(run), "step": rundir.checkpoint_step(checkpoint), **done}, stdout)

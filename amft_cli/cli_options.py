@@ -1,8 +1,11 @@
 """The options several `amft` commands share, the config and run directory they resolve to,
-and one fix to how typer's help shows flags."""
+the --json stdout discipline, and one fix to how typer's help shows flags."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import sys
 from pathlib import Path
 
 import typer
@@ -36,6 +39,20 @@ def _show_flags_as_flags() -> None:
 
 
 _show_flags_as_flags()
+
+
+@contextlib.contextmanager
+def stdout_reserved(json_out: bool):
+    """With --json, stdout is kept for the one JSON document: whatever is printed
+    meanwhile (progress, tables, library chatter) goes to stderr. Yields the real stdout."""
+    real = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext():
+        yield real
+
+
+def emit_json(document: dict, stream) -> None:
+    stream.write(json.dumps(document, indent=2) + "\n")
+    stream.flush()
 
 
 PRESET = typer.Option(None, "--preset", "-p", metavar="NAME|FILE", help=f"Preset name in presets/ or a path to a "

@@ -3,6 +3,7 @@ this project, computing what the trained policy computes; refusals in one line, 
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -113,3 +114,13 @@ def test_replace_keeps_the_old_folder_until_the_new_one_is_in_place(tmp_path):
     (new / "model.txt").write_text("new")
     export._replace(new, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and sorted(p.name for p in out.iterdir()) == ["model.txt"]
+
+
+def test_json_puts_one_document_on_stdout(runs, tmp_path, amft):
+    result = amft("export", "--run", str(runs / "lora"), "--out", str(tmp_path / "x"), "--json")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)  # nothing else on stdout; the human line went to stderr
+    assert document["command"] == "export" and document["step"] == 3 and document["merged_lora"] is True
+    assert document["out"] == str(tmp_path / "x") and document["dtype"] == "float32"
+    weights = load_file(tmp_path / "x" / "model.safetensors")
+    assert document["parameters"] == sum(t.numel() for t in weights.values()) and "exported" in result.stderr
