@@ -117,7 +117,8 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
 
         purge = None if resume_step is None else resume_step + 1
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
+        # flush_secs 10 (torch's default 120): a killed run's events lag metrics.jsonl by seconds, not minutes
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge, flush_secs=10)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         for key, value in scalars.items():
