@@ -25,6 +25,7 @@ get_optimizer_state_dict does) changes the meta-gradient after the resume.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -92,6 +93,8 @@ def test_two_processes_train_the_same_model_as_one(launcher, single, amft, tiny_
     resumed = launch(launcher, "train", "--resume", str(two), "--steps", str(STEPS), "--plain", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"(step {STEPS // 2})" in resumed.stdout
+    starts = [json.loads(line) for line in (two / "environment.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["processes"]) for s in starts] == [(0, 2), (STEPS // 2, 2)]  # the main process's lines
 
     a, b = comparable(read_metrics(single)), comparable(read_metrics(two))
     assert [r["step"] for r in b] == list(range(1, STEPS + 1)) and [set(r) for r in a] == [set(r) for r in b]
