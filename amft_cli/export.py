@@ -14,15 +14,13 @@ is complete. Needs RAM for the weights in float32 (a 7B model: ~28 GB).
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from amft_cli.config import Config
-from amft_cli.fsio import user_io
+from amft_cli.fsio import staged_folder, user_io
 from amft_cli.model import DTYPES, load_policy
 
 
@@ -48,29 +46,10 @@ def export_checkpoint(checkpoint: Path, cfg: Config, out: Path, dtype: str | Non
     if merged:
         model = model.merge_and_unload()
     model = model.to(getattr(torch, dtype))
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with user_io(out, "writing the exported model"):
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            _replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with user_io(out, "writing the exported model"), staged_folder(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return {"out": str(out), "dtype": dtype, "merged_lora": merged,
             "parameters": sum(p.numel() for p in model.parameters()), "bytes": size}
 
-
-def _replace(new: Path, out: Path) -> None:
-    """Put the complete folder `new` at `out`; an old `out` goes only after the new one is in place."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    try:
-        new.rename(out)
-    except BaseException:
-        if old.exists():
-            old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -99,3 +100,29 @@ def user_io(path: Path, doing: str):
         if e.errno not in REASONS:
             raise
         raise FileProblem(describe(e, Path(path), doing)) from None
+
+
+@contextmanager
+def staged_folder(target: Path):
+    """Yield a new temp folder beside `target`; on success it becomes `target` (an old `target` is
+    moved aside first and deleted only once the new one is in place, or put back if that fails),
+    on any failure it is removed. So `target` is always absent, the old folder or the complete
+    new one: never half written."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is an ordinary one
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if target.exists():
+            target.rename(old)
+        try:
+            tmp.rename(target)
+        except BaseException:
+            if old.exists():
+                old.rename(target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

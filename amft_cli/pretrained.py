@@ -21,8 +21,6 @@ where the weights came from (the GGUF ones are quantised weights made float, not
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from amft_cli.config import ModelConfig
+from amft_cli.fsio import staged_folder
 
 SOURCE_FILE = "amft_source.json"
 HUB_TIMEOUT_S = 5
@@ -55,7 +54,7 @@ def fetch_model(mcfg: ModelConfig, log: Callable[[str], None] = print) -> Path:
             continue
         started = time.perf_counter()
         try:
-            with _staging(target) as tmp:
+            with staged_folder(target) as tmp:
                 source = fetch(mcfg, tmp, log)
                 (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
         except _Unavailable as e:
@@ -70,28 +69,6 @@ def fetch_model(mcfg: ModelConfig, log: Callable[[str], None] = print) -> Path:
 
 class _Unavailable(Exception):
     """One source cannot provide the model (unreachable, missing); the next one is tried."""
-
-
-class _staging:
-    """A temporary folder beside `target`, renamed to it on success and removed on failure."""
-
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}-", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is an ordinary one
-            if self.target.exists():
-                shutil.rmtree(self.target)
-            os.replace(self.tmp, self.target)
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        return False
 
 
 # ---------------------------------------------------------------------------

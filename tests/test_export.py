@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from typer.testing import CliRunner
 
-from amft_cli import export
+from amft_cli.fsio import staged_folder
 from amft_cli.cli import app, resolve_config
 from amft_cli.model import load_policy
 from amft_cli.train import train
@@ -95,24 +96,32 @@ def test_an_export_that_fails_half_way_leaves_the_old_folder_and_no_debris(runs,
     assert export_cli("--run", str(runs / "full"), "--out", str(out)).exit_code == 0
     before = snapshot(tmp_path)
 
-    def fail(*args, **kwargs):
+    def half_written(self, folder, **kwargs):  # the disk fills up in the middle of the weights
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(export, "_replace", fail)
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", half_written)
     result = export_cli("--run", str(runs / "full"), "--out", str(out), "--overwrite")
-    assert result.exit_code != 0
+    assert result.exit_code != 0 and "no space left" in str(result.exception).lower()
     assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
 
 
-def test_replace_keeps_the_old_folder_until_the_new_one_is_in_place(tmp_path):
-    out, new = tmp_path / "out", tmp_path / "new"
+def test_a_staged_folder_replaces_the_old_one_only_once_it_is_in_place(tmp_path, monkeypatch):
+    out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    with pytest.raises(FileNotFoundError):
-        export._replace(tmp_path / "missing", out)  # the new folder cannot be moved in
+    rename = Path.rename
+
+    def fails_for_the_new_folder(self, target):
+        if self.name.startswith(".out-"):
+            raise OSError(18, "Invalid cross-device link")
+        return rename(self, target)
+    monkeypatch.setattr(Path, "rename", fails_for_the_new_folder)
+    with pytest.raises(OSError), staged_folder(out) as new:
+        (new / "model.txt").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "old.txt").read_text() == "old"
-    new.mkdir()
-    (new / "model.txt").write_text("new")
-    export._replace(new, out)
+    monkeypatch.setattr(Path, "rename", rename)
+    with staged_folder(out) as new:
+        (new / "model.txt").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and sorted(p.name for p in out.iterdir()) == ["model.txt"]
 
 
