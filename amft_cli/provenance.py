@@ -87,7 +87,8 @@ def environment(step: int, device: str, processes: int) -> dict:
     accelerator = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
     return {"step": step, "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "host": socket.gethostname(), "command": sys.argv, "versions": versions(), "device": device,
-            "accelerator": accelerator, "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "accelerator": accelerator, "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             "processes": processes}
 
 
