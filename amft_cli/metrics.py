@@ -189,6 +189,8 @@ class MetricSink:
         with user_io(self.path, "writing metrics"):
             self._file.write(json.dumps(record, allow_nan=False) + "\n")
             self._file.flush()
+        if not self._trackers:
+            return
         scalars = {key: value for key, value in record.items() if key not in ("step", "time")
                    and isinstance(value, (int, float)) and not isinstance(value, bool)}
         for tracker in self._trackers:
