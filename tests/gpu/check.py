@@ -12,6 +12,8 @@ report is rewritten after every section, so a run cut short still leaves one):
                  warm-up, so SFT, GRPO rollouts and meta-gradient steps all run; its verifier
                  needs math-verify only for a box that is not a plain number, which a model this
                  young does not write)
+    cli          `amft train` (20 steps), `amft export`, `amft eval` of the run and of the export
+                 as subprocesses, as a user types them: the same greedy completions
     qwen_full    5 bf16 steps of a RANDOM-INIT model of Qwen2.5-0.5B's published shape
     qwen_lora    (hidden 896, 24 layers, 14 heads, 2 KV heads, MLP 4864, vocab 151936; no
                  download), full fine-tuning and LoRA, rollouts of 256 tokens
@@ -179,6 +181,41 @@ def section_tiny_math(args, work: Path) -> dict:
     return train_run(cfg, work / "run-tiny-math")
 
 
+def amft(args_list: list, cwd: Path, timeout: int = 300) -> str:
+    """`python -m amft_cli ARGS` as a user runs it; its stdout (a failure raises with the output's tail)."""
+    done = subprocess.run([sys.executable, "-m", "amft_cli", *args_list], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if done.returncode != 0:
+        raise RuntimeError(f"amft {args_list[0]}: exit {done.returncode}: {(done.stdout + done.stderr)[-2000:]}")
+    return done.stdout
+
+
+def section_cli(args, work: Path) -> dict:
+    """The commands a user types, on the device: `amft train` (20 steps), `amft export`, then
+    `amft eval` of the run and of the exported folder: the same greedy completions (full
+    fine-tuning exports the checkpoint's weights as they are). environment.jsonl names the GPU."""
+    data = [f"task.data_dir={work / 'tiny-math'}", f"model.path={work / 'tiny-math' / 'model'}",
+            "task.train_size=2000", f"model.device={args.device}"]
+    sets = lambda extra: [a for s in data + extra for a in ("--set", s)]  # noqa: E731
+    run, exported = work / "run-cli", work / "exported"
+    amft(["train", "--preset", "tiny-math", *sets(["amft.warmup_steps=2", "amft.meta_every=2",
+                                                   "train.eval_at_end=false"]),
+          "--steps", "4" if args.tiny else "20", "--plain", "--run-dir", str(run)], work)
+    export = json.loads(amft(["export", "--run", str(run), "--out", str(exported), "--json"], work))
+    limit = ["--greedy", "--limit", "16" if args.tiny else "100", "--json"]
+    amft(["eval", "--run", str(run), *sets([]), *limit, "--out", str(work / "eval-run")], work)
+    amft(["eval", "--model", str(exported), "--preset", "tiny-math", *sets([]), *limit, "--out",
+          str(work / "eval-export")], work)
+    read = lambda folder: [json.loads(line)["completion"] for path in sorted(folder.glob("*.samples.jsonl"))  # noqa: E731
+                           for line in path.read_text().splitlines()]
+    ours, theirs = read(work / "eval-run"), read(work / "eval-export")
+    started = json.loads((run / "environment.jsonl").read_text().splitlines()[-1])
+    same = ours == theirs and len(ours) > 0
+    return {"export": {k: export.get(k) for k in ("parameters", "bytes", "dtype")}, "eval_rows": len(ours),
+            "same_greedy_completions": same, "environment": {k: started.get(k) for k in ("device", "accelerator")},
+            "ok": same and started.get("accelerator") == (torch.cuda.get_device_name(0) if args.device == "cuda" else None)}
+
+
 def qwen_config(args, work: Path, lora: bool):
     from amft_cli.cli import resolve_config
 
@@ -328,6 +365,7 @@ def main(argv=None) -> int:
         work = Path(tmp)
         sections = [("env", lambda: section_env(args)), ("gpu_tests", lambda: section_gpu_tests(args)),
                     ("tiny_math", lambda: section_tiny_math(args, work)),
+                    ("cli", lambda: section_cli(args, work)),
                     ("qwen_full", lambda: section_qwen(args, work, lora=False)),
                     ("qwen_lora", lambda: section_qwen(args, work, lora=True)),
                     ("sampler", lambda: section_sampler(args, work)),
