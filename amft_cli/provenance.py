@@ -109,12 +109,31 @@ def last_start(run_dir: Path) -> dict | None:
         return None  # a line cut short by a killed start: nothing to compare against
 
 
+def trained_on(run_dir: Path) -> list[dict]:
+    """What run_dir was trained under, one dict per distinct setting, oldest first: the versions
+    and `device` (the GPU's name, else the CPU's). A resume under other software adds one; a
+    line cut short by a killed start is skipped; [] for a run without environment.jsonl."""
+    path = Path(run_dir) / ENVIRONMENT_FILE
+    seen: list[dict] = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            start = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        here = {**start.get("versions", {}), "device": start.get("accelerator") or start.get("cpu")}
+        if here not in seen:
+            seen.append(here)
+    return seen
+
+
 def record_start(run_dir: Path, start: dict) -> list[str]:
     """Append `start` (environment()) to run_dir's environment.jsonl; returns the version changes
     since the previous start (empty on a first start or with the same software)."""
     before = last_start(run_dir)
-    with open(Path(run_dir) / ENVIRONMENT_FILE, "a") as f:
-        f.write(json.dumps(start) + "\n")
+    path = Path(run_dir) / ENVIRONMENT_FILE
+    cut = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    with open(path, "a") as f:
+        f.write(("\n" if cut else "") + json.dumps(start) + "\n")  # a line cut short stays on its own
     return changes(before["versions"], start["versions"]) if before and "versions" in before else []
 
 

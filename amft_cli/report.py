@@ -278,7 +278,43 @@ def sweep_table(grid, records: list[dict]) -> dict:
     return {"sweep": grid.name, "preset": grid.preset, "algos": grid.algos, "seeds": grid.seeds,
             "overrides": grid.overrides, "k": ks[0] if len(ks) == 1 else ks, "n": ns[0] if len(ns) == 1 else ns,
             "interval": INTERVAL_TEXT, "columns": [f"{s}.{m}" for s, m in columns], "rows": rows,
-            "runs": records}
+            "trained_under": trained_under(records), "runs": records}
+
+
+def trained_under(records: list[dict]) -> dict:
+    """What a sweep's runs were trained under (records' "trained_on", provenance.trained_on):
+    "same" maps each versions/device key every run shares to its value; "differs" maps each
+    other key to {value: [runs]} (a run resumed under other software is under each of its
+    values); "unrecorded" lists runs from before environment.jsonl. Scores compare like for
+    like only where "differs" is empty, train times only on one device."""
+    settings = [(f"{r['algo']}-s{r['seed']}", s) for r in records for s in r.get("trained_on") or []]
+    same, differs = {}, {}
+    for key in dict.fromkeys(k for _, s in settings for k in s):
+        values: dict = {}
+        for name, s in settings:
+            values.setdefault(str(s.get(key)), {})[name] = None  # an ordered set of runs
+        if len(values) == 1:
+            same[key] = settings[0][1].get(key)
+        else:
+            differs[key] = {value: list(names) for value, names in values.items()}
+    return {"same": same, "differs": differs,
+            "unrecorded": [f"{r['algo']}-s{r['seed']}" for r in records if not r.get("trained_on")]}
+
+
+def _trained_under_text(under: dict) -> list[str]:
+    """The Markdown lines under the table: what all runs shared, then each difference."""
+    same = dict(under["same"])
+    commit, device = same.pop("amft-cli commit", None), same.pop("device", None)
+    if commit and "amft-cli" in same:  # as `amft --version` writes it
+        same["amft-cli"] = f"{same['amft-cli']} ({commit})"
+    shared = ", ".join(f"{k} {v}" for k, v in same.items() if v is not None)
+    lines = [f"Trained under {shared}" + (f" on {device}" if device else "") + "."] if shared else []
+    for key, values in under["differs"].items():
+        spread = "; ".join(f"{value} ({', '.join(names)})" for value, names in values.items())
+        lines.append(f"**Not like for like:** {key} differs across runs: {spread}.")
+    if under["unrecorded"]:
+        lines.append(f"No environment.jsonl (trained before it was recorded): {', '.join(under['unrecorded'])}.")
+    return lines
 
 
 def _cell_text(stat: dict | None, scale: float = 1.0, one_decimal: bool = True) -> str:
@@ -307,7 +343,8 @@ def sweep_markdown(table: dict) -> str:
         lines.append(f"| `{row['algo']}` | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     lines += ["", f"Rates in %, mean ± half-width of the {table['interval']}; n = {table['n']} examples per "
                   f"split, k = {k} samples; train time = summed step times; rollouts = completions sampled."]
-    return "\n".join(lines) + "\n"
+    under = _trained_under_text(table["trained_under"]) if "trained_under" in table else []
+    return "\n".join(lines + ([""] + under if under else [])) + "\n"
 
 
 def sweep_csv(table: dict) -> str:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from amft_cli import children, methods, report, rundir
+from amft_cli import children, methods, provenance, report, rundir
 from amft_cli.config import Config, validate
 from amft_cli.config_io import apply_overrides, load_preset
 from amft_cli.tasks import verifier_version
@@ -283,7 +283,8 @@ def cell_record(cell: Cell, k: int | None, limit: int | None) -> dict | None:
     evals = rundir.read_eval(cell.run_dir)
     blocks = report.eval_blocks({split: rec["metrics"] for split, rec in evals.items()})
     return {"algo": cell.algo, "seed": cell.seed, "run": str(cell.run_dir), **blocks["metrics"],
-            **report.run_totals(rundir.read_metrics(cell.run_dir))}
+            **report.run_totals(rundir.read_metrics(cell.run_dir)),
+            "trained_on": provenance.trained_on(cell.run_dir)}
 
 
 def table_paths(folder: Path) -> list[Path]:

@@ -64,6 +64,20 @@ def test_a_line_cut_short_by_a_killed_start_is_not_compared(tmp_path):
     (tmp_path / provenance.ENVIRONMENT_FILE).write_text('{"step": 0, "versions": {"torch": "1.0"}}\n{"step": 3, "ver')
     assert provenance.last_start(tmp_path) is None
     assert provenance.record_start(tmp_path, {"step": 3, "versions": {"torch": "2.0"}}) == []
+    # the new start is a line of its own, read back after the cut one is skipped
+    assert provenance.last_start(tmp_path) == {"step": 3, "versions": {"torch": "2.0"}}
+    assert provenance.trained_on(tmp_path) == [{"torch": "1.0", "device": None}, {"torch": "2.0", "device": None}]
+
+
+def test_trained_on_lists_each_distinct_software_and_device_once(tmp_path):
+    start = lambda torch, gpu=None: json.dumps({"versions": {"amft-cli": "0.1", "torch": torch},  # noqa: E731
+                                                "accelerator": gpu, "cpu": "Xeon"})
+    (tmp_path / provenance.ENVIRONMENT_FILE).write_text("\n".join(
+        [start("2.12"), start("2.12"), start("2.13"), start("2.13", "H100"), start("2.12")]) + "\n")
+    assert provenance.trained_on(tmp_path) == [
+        {"amft-cli": "0.1", "torch": "2.12", "device": "Xeon"}, {"amft-cli": "0.1", "torch": "2.13", "device": "Xeon"},
+        {"amft-cli": "0.1", "torch": "2.13", "device": "H100"}]
+    assert provenance.trained_on(tmp_path / "no-such-run") == []
 
 
 def test_each_start_of_a_run_records_its_software_and_a_resume_says_what_changed(tmp_path, tiny_data):

@@ -11,13 +11,14 @@ import shutil
 import signal
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 
 from typer.testing import CliRunner
 
-from amft_cli import methods, report, sweep
+from amft_cli import methods, provenance, report, sweep
 from amft_cli.checkpoint import checkpoint_dirs
 from amft_cli.cli import app
 from amft_cli.config_io import to_toml
@@ -190,6 +191,36 @@ def test_table_means_and_t_intervals():
     assert rows[2].startswith("sft,1,0.026,,,")
 
 
+def test_the_table_says_what_its_runs_were_trained_under_and_what_differs():
+    grid = Grid("g", "tiny-gp", ["amft", "sft"], [0, 1])
+    cpu = {"amft-cli": "0.1.0", "amft-cli commit": "abc1234", "torch": "2.13.0", "vllm": None, "device": "Xeon"}
+    records = [dict(record("amft", 0, 0.5, 0.0, 60.0, 10), trained_on=[cpu]),
+               dict(record("amft", 1, 0.5, 0.0, 60.0, 10), trained_on=[cpu]),
+               dict(record("sft", 0, 0.5, 0.0, 60.0, None), trained_on=[cpu])]
+    table = report.sweep_table(grid, records)
+    assert table["trained_under"] == {"same": cpu, "differs": {}, "unrecorded": []}
+    md = report.sweep_markdown(table)
+    assert "Trained under amft-cli 0.1.0 (abc1234), torch 2.13.0 on Xeon." in md
+    assert "like for like" not in md and "vllm" not in md
+    # sft-s1 resumed on a GPU under another torch; amft-s1 uncommitted code; one run from before the record
+    gpu = dict(cpu, torch="2.11.0", device="H100")
+    records += [dict(record("sft", 1, 0.5, 0.0, 60.0, None), trained_on=[cpu, gpu]),
+                record("amft", 2, 0.5, 0.0, 60.0, 10)]
+    records[1]["trained_on"] = [dict(cpu, **{"amft-cli commit": "abc1234+dirty"})]
+    under = report.sweep_table(grid, records)["trained_under"]
+    assert under["same"] == {"amft-cli": "0.1.0", "vllm": None}
+    assert under["differs"] == {"amft-cli commit": {"abc1234": ["amft-s0", "sft-s0", "sft-s1"],
+                                                    "abc1234+dirty": ["amft-s1"]},
+                                "torch": {"2.13.0": ["amft-s0", "amft-s1", "sft-s0", "sft-s1"], "2.11.0": ["sft-s1"]},
+                                "device": {"Xeon": ["amft-s0", "amft-s1", "sft-s0", "sft-s1"], "H100": ["sft-s1"]}}
+    assert under["unrecorded"] == ["amft-s2"]
+    md = report.sweep_markdown(report.sweep_table(grid, records))
+    assert "Trained under amft-cli 0.1.0." in md
+    assert "**Not like for like:** torch differs across runs: 2.13.0 (amft-s0, amft-s1, sft-s0, sft-s1); " \
+           "2.11.0 (sft-s1)." in md
+    assert "No environment.jsonl (trained before it was recorded): amft-s2." in md
+
+
 # ---------------------------------------------------------------------------
 # amft plot sweep, on a synthetic sweep folder
 
@@ -260,6 +291,10 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert all(r["rollouts"] == 2 * 2 * 2 for r in rl_runs)  # 2 steps × 2 prompts × 2 samples
     assert all(r["rollouts"] == 0 for r in table["runs"] if r["algo"] == "sft")
     assert (folder / "table.md").read_text().startswith("| method | seeds | ID greedy | ID avg@2 |")
+    same = provenance.trained_on(folder / "runs" / "sft-s0")[0]  # every cell: this software, this CPU
+    assert table["trained_under"] == {"same": same, "differs": {}, "unrecorded": []}
+    torch = metadata.version("torch")
+    assert same["torch"] == torch and f"torch {torch}" in (folder / "table.md").read_text()
 
     # an interrupted cell (its last checkpoint lost) is resumed; the others are kept as they are
     cell = folder / "runs" / "rl-s1"
