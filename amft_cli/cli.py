@@ -291,8 +291,9 @@ def sweep_cmd(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = S
               live: Optional[bool] = typer.Option(None, "--live/--plain", help="Force the live progress view or plain "
                                                   "lines (default: live on a terminal)."),
               json_out: bool = JSON_OUT):
-    """Train and evaluate every method × seed, ID and OOD; write sweeps/NAME/table.{csv,md,json}
-    with per-method means and 95 % t-intervals over seeds.
+    """Train and evaluate every method × seed, ID and OOD; tables in sweeps/NAME/.
+
+    table.{md,csv,json}: per-method means and 95 % t-intervals over seeds.
 
     Rerunning the same command continues: finished runs are kept, interrupted ones resumed.
     A run that fails is named with its log and the sweep exits 1 after the others.

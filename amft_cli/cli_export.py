@@ -23,8 +23,9 @@ def export_cmd(out: Path = typer.Option(..., "--out", help="Folder to write the 
                overwrite: bool = typer.Option(False, "--overwrite", help="Replace what --out holds, once the new "
                                               "folder is complete."),
                json_out: bool = JSON_OUT):
-    """Write a run's checkpoint as one plain Hugging Face model folder (LoRA adapters merged), without
-    the trainer state: what transformers or vLLM load to serve or share it.
+    """Write a run's checkpoint as one plain Hugging Face model folder (LoRA merged, no trainer state).
+
+    What transformers or vLLM load to serve or share it.
 
     Example: amft export --run runs/tiny-math --out exported/tiny-math
     """
