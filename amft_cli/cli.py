@@ -288,6 +288,8 @@ def sweep_cmd(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = S
                                        "unless OMP_NUM_THREADS is set)."),
               k: Optional[int] = typer.Option(None, "--k", help="Eval samples per example (eval.k)."),
               limit: Optional[int] = typer.Option(None, "--limit", help="Eval examples per split (eval.limit)."),
+              baseline: Optional[str] = typer.Option(None, "--baseline", help="Also tabulate each method minus this "
+                                                     "one on the same seeds (a paired t-interval), e.g. sft."),
               live: Optional[bool] = typer.Option(None, "--live/--plain", help="Force the live progress view or plain "
                                                   "lines (default: live on a terminal)."),
               json_out: bool = JSON_OUT):
@@ -303,8 +305,9 @@ def sweep_cmd(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = S
     from amft_cli import sweep
 
     sets = list(overrides or []) + ([f"train.steps={steps}"] if steps is not None else [])
-    grid = sweep.Grid(name or preset_name(preset), preset or DEFAULT_PRESET, sweep.parse_algos(algos),
-                      sweep.parse_seeds(seeds), sets, k, limit)
+    methods_ = sweep.parse_algos(algos)
+    grid = sweep.Grid(name or preset_name(preset), preset or DEFAULT_PRESET, methods_, sweep.parse_seeds(seeds), sets,
+                      k, limit, sweep.parse_baseline(baseline, methods_))
     with stdout_reserved(json_out) as stdout:
         table, outcomes = sweep.run(grid, jobs, live, console)
         console.print(f"wrote {', '.join(table['files'])}  (next: amft plot sweep {grid.folder})", highlight=False)

@@ -272,13 +272,28 @@ def sweep_table(grid, records: list[dict]) -> dict:
         for key in ("train_time_s", "rollouts"):
             values = [r[key] for r in mine if r.get(key) is not None]
             row[key] = t_interval(values) if values else None
+        if grid.baseline and algo != grid.baseline:
+            row["vs_baseline"] = paired_differences(records, algo, grid.baseline, columns)
         rows.append(row)
     ks = sorted({r[s].get("k") for r in records for s in SCOPES if s in r})
     ns = sorted({r[s].get("n") for r in records for s in SCOPES if s in r})
     return {"sweep": grid.name, "preset": grid.preset, "algos": grid.algos, "seeds": grid.seeds,
             "overrides": grid.overrides, "k": ks[0] if len(ks) == 1 else ks, "n": ns[0] if len(ns) == 1 else ns,
             "interval": INTERVAL_TEXT, "columns": [f"{s}.{m}" for s, m in columns], "rows": rows,
-            "trained_under": trained_under(records), "runs": records}
+            "baseline": grid.baseline, "trained_under": trained_under(records), "runs": records}
+
+
+def paired_differences(records: list[dict], algo: str, baseline: str, columns: list[tuple[str, str]]) -> dict:
+    """Per column, the t-interval of (algo − baseline) over the seeds both ran, each difference
+    taken on one seed: a paired comparison, tighter than two overlapping intervals where the seed
+    moves both runs alike (data order, initial sampling), and as valid where it does not."""
+    base = {r["seed"]: r for r in records if r["algo"] == baseline}
+    pairs = [(r, base[r["seed"]]) for r in records if r["algo"] == algo and r["seed"] in base]
+    out: dict = {"seeds": [r["seed"] for r, _ in pairs]}
+    for scope, metric in columns:
+        out[f"{scope}.{metric}"] = t_interval([a[scope][metric] - b[scope][metric] for a, b in pairs
+                                               if metric in a.get(scope, {}) and metric in b.get(scope, {})])
+    return out
 
 
 def trained_under(records: list[dict]) -> dict:
@@ -343,8 +358,25 @@ def sweep_markdown(table: dict) -> str:
         lines.append(f"| `{row['algo']}` | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     lines += ["", f"Rates in %, mean ± half-width of the {table['interval']}; n = {table['n']} examples per "
                   f"split, k = {k} samples; train time = summed step times; rollouts = completions sampled."]
+    if table.get("baseline"):
+        lines += ["", *_paired_markdown(table, names)]
     under = _trained_under_text(table["trained_under"]) if "trained_under" in table else []
     return "\n".join(lines + ([""] + under if under else [])) + "\n"
+
+
+def _paired_markdown(table: dict, names: list[str]) -> list[str]:
+    """The paired table: each method minus the baseline on the same seeds; * where the interval excludes 0."""
+    base = table["baseline"]
+    lines = [f"Paired with `{base}` on the same seeds: method − {base} in percentage points, mean ± half-width "
+             "of the same interval over the differences; * where it excludes 0.", "",
+             "| method | seeds | " + " | ".join(f"Δ {n}" for n in names) + " |", "|---" * (len(names) + 2) + "|"]
+    for row in (r for r in table["rows"] if "vs_baseline" in r):
+        paired = row["vs_baseline"]
+        cells = [_cell_text(paired[c], 100) + (" *" if paired[c]["lo"] is not None and
+                                               (paired[c]["lo"] > 0 or paired[c]["hi"] < 0) else "")
+                 for c in table["columns"]]
+        lines.append(f"| `{row['algo']}` | {len(paired['seeds'])} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def sweep_csv(table: dict) -> str:

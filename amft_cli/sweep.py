@@ -68,6 +68,7 @@ class Grid:
     overrides: list[str] = field(default_factory=list)   # --set, the same for every cell
     k: int | None = None                                  # eval samples per example (default: eval.k)
     limit: int | None = None                              # eval examples per split (default: eval.limit)
+    baseline: str | None = None                           # the method each other is paired with (same seeds)
     root: Path = SWEEPS_ROOT
 
     @property
@@ -94,6 +95,13 @@ def parse_algos(text: str) -> list[str]:
         if name not in methods.names():
             raise SweepError(f"--algo {text!r}: unknown method {name!r} (choices: {', '.join(methods.names())})")
     return list(dict.fromkeys(names))
+
+
+def parse_baseline(name: str | None, algos: list[str]) -> str | None:
+    """--baseline: one of the sweep's --algo methods, or None."""
+    if name is not None and name not in algos:
+        raise SweepError(f"--baseline {name!r}: expected one of this sweep's methods ({', '.join(algos)})")
+    return name
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -24,7 +24,7 @@ from amft_cli.cli import app
 from amft_cli.config_io import to_toml
 from amft_cli.sweep import Grid, SweepError
 from amft_cli.tasks import verifier_version
-from amft_runs import wait_until
+from amft_runs import one_line_error, wait_until
 
 AMFT = str(Path(sys.executable).parent / "amft")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -191,6 +191,41 @@ def test_table_means_and_t_intervals():
     assert rows[2].startswith("sft,1,0.026,,,")
 
 
+def test_paired_differences_with_the_baseline_on_the_same_seeds(tmp_path):
+    grid = Grid("g", "tiny-gp", ["sft", "amft", "mix"], [0, 1, 2], baseline="sft")
+    records = [record("sft", 0, 0.50, 0.10, 60.0, None), record("sft", 1, 0.40, 0.20, 60.0, None),
+               record("sft", 2, 0.60, 0.30, 60.0, None),
+               # amft: +0.10, +0.12, +0.08 on ID greedy (its own interval overlaps sft's; the paired one does not)
+               record("amft", 0, 0.60, 0.10, 60.0, 10), record("amft", 1, 0.52, 0.10, 60.0, 10),
+               record("amft", 2, 0.68, 0.40, 60.0, 10),
+               record("mix", 2, 0.55, 0.30, 60.0, 10), record("mix", 3, 0.90, 0.90, 60.0, 10)]  # seed 3: unpaired
+    table = report.sweep_table(grid, records)
+    sft, amft, mix = table["rows"]
+    assert table["baseline"] == "sft" and "vs_baseline" not in sft
+    paired = amft["vs_baseline"]
+    assert paired["seeds"] == [0, 1, 2]
+    # differences 0.10, 0.12, 0.08: mean 0.10, s = 0.02, half = 4.3027 · 0.02 / √3 = 0.0496833
+    assert paired["id.greedy"]["values"] == pytest.approx([0.10, 0.12, 0.08])
+    assert paired["id.greedy"]["mean"] == pytest.approx(0.10) and paired["id.greedy"]["half"] == pytest.approx(
+        0.0496833, rel=1e-4)
+    assert paired["ood.greedy"]["values"] == pytest.approx([0.0, -0.1, 0.1])  # amft − sft, not sft − amft
+    assert amft["id.greedy"]["lo"] < sft["id.greedy"]["hi"]  # the unpaired intervals overlap
+    assert mix["vs_baseline"]["seeds"] == [2] and mix["vs_baseline"]["id.greedy"]["values"] == pytest.approx([-0.05])
+    md = report.sweep_markdown(table)
+    assert "Paired with `sft` on the same seeds: method − sft" in md
+    assert "| method | seeds | Δ ID greedy | Δ ID avg@4 |" in md
+    assert "| `amft` | 3 | 10.0 ± 5.0 * | 5.0 ± 2.5 * | 0.0 ± 0.0 | 0.0 ± 24.8 |" in md  # OOD: excludes no 0
+    assert "| `mix` | 1 | -5.0 | -2.5 |" in md
+    with pytest.raises(SweepError, match=r"--baseline 'rl': expected one of this sweep's methods \(sft, amft\)"):
+        sweep.parse_baseline("rl", ["sft", "amft"])
+    bad = subprocess.run([AMFT, "sweep", "--algo", "sft,amft", "--baseline", "rl", "--plain"], cwd=tmp_path, env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    one_line_error(bad, "--baseline 'rl'")
+    assert not (tmp_path / "sweeps").exists()
+    assert sweep.parse_baseline(None, ["sft"]) is None and "Paired" not in report.sweep_markdown(
+        report.sweep_table(Grid("g", "tiny-gp", ["sft", "amft"], [0]), records))
+
+
 def test_the_table_says_what_its_runs_were_trained_under_and_what_differs():
     grid = Grid("g", "tiny-gp", ["amft", "sft"], [0, 1])
     cpu = {"amft-cli": "0.1.0", "amft-cli commit": "abc1234", "torch": "2.13.0", "vllm": None, "device": "Xeon"}
@@ -269,7 +304,7 @@ def small_sets(data_dir: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end(tmp_path):
-    args = ["sweep", "--preset", "tiny-math", "--algo", "sft,rl", "--seeds", "0,1", "--name", "t",
+    args = ["sweep", "--preset", "tiny-math", "--algo", "sft,rl", "--seeds", "0,1", "--name", "t", "--baseline", "sft",
             "--limit", "4", "--k", "2", "--jobs", "2", "--json", *small_sets(tmp_path / "data")]
     # no data yet: the sweep prepares the shared folder once, before its two concurrent cells start
     first = subprocess.run([AMFT, *args], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
@@ -287,6 +322,10 @@ def test_tiny_sweep_end_to_end(tmp_path):
             scores = json.loads((tmp_path / run["run"] / "eval" / "test.json").read_text())["metrics"]
             assert run["id"]["greedy"] == scores["greedy_accuracy"]
         assert row["id.greedy"]["values"] == [r["id"]["greedy"] for r in table["runs"] if r["algo"] == row["algo"]]
+    rl_row = table["rows"][1]  # --baseline sft: rl − sft seed by seed
+    scores = {(r["algo"], r["seed"]): r["id"]["greedy"] for r in table["runs"]}
+    assert table["baseline"] == "sft" and rl_row["vs_baseline"]["id.greedy"]["values"] == [
+        scores["rl", s] - scores["sft", s] for s in (0, 1)]
     rl_runs = [r for r in table["runs"] if r["algo"] == "rl"]
     assert all(r["rollouts"] == 2 * 2 * 2 for r in rl_runs)  # 2 steps × 2 prompts × 2 samples
     assert all(r["rollouts"] == 0 for r in table["runs"] if r["algo"] == "sft")
