@@ -14,7 +14,7 @@ from amft_cli import metrics
 from amft_cli.cli import _is_user_error, resolve_config
 from amft_cli.metrics import TrackerError, read_metrics
 from amft_cli.train import train
-from amft_runs import tiny_sets
+from amft_runs import tiny_sets, wait_until
 
 KEYS = ("balance/mu", "loss/sft", "policy/entropy", "optim/lr")
 
@@ -75,6 +75,15 @@ def wandb_records(path: Path) -> list:
     return records
 
 
+def closed(log: Path) -> bool:
+    """Whether a .wandb log ends with W&B's exit record (a log still being written may end mid-chunk)."""
+    try:
+        records = wandb_records(log)
+    except Exception:  # noqa: BLE001 - a protobuf cut short
+        return False
+    return bool(records) and records[-1].WhichOneof("record_type") == "exit"
+
+
 def test_wandb_gets_every_number_and_the_config_and_a_resume_continues_the_same_run(tmp_path, tiny_data,
                                                                                    monkeypatch, fresh_wandb):
     monkeypatch.setenv("WANDB_MODE", "offline")  # no network here; the files are what a sync uploads
@@ -84,6 +93,13 @@ def test_wandb_gets_every_number_and_the_config_and_a_resume_continues_the_same_
     run_id = (run / "wandb" / "amft-run-id").read_text()
     logs = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(logs) == 2 and {p.name for p in logs} == {f"run-{run_id}.wandb"}  # one W&B run, two starts
+    # run.finish() can return before W&B's service process has written a start's log out (once, in a
+    # clean-clone CI run, a log read here held no run record; read later, it held every record); a
+    # user's process waits for the service at exit, as teardown does
+    import wandb
+
+    wandb.teardown()
+    wait_until(lambda: all(closed(log) for log in logs), timeout=60, poll=0.1)
     by_step = {r["step"]: r for r in records}
     steps = []
     for start_index, log in enumerate(logs):
