@@ -18,7 +18,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from amft_cli import cli_export, cli_plot, methods, parallel, report
+from amft_cli import cli_compare, cli_export, cli_plot, methods, parallel, report
 from amft_cli.cli_options import (DEFAULT_PRESET, FAIL_UNDER, JSON_OUT, PRESET, SEED, SET, default_run_dir,
                                   emit_json, preset_name, resolve_config, root, stdout_reserved)
 from amft_cli.config import Config, ConfigError, validate
@@ -42,6 +42,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions
 app.callback()(root)
 app.add_typer(cli_plot.app, name="plot")
 app.command("export", epilog=EXIT_CODES_HELP)(cli_export.export_cmd)
+app.command("compare", epilog=EXIT_CODES_HELP)(cli_compare.compare_cmd)
 
 
 def exit_on_failed_gate(rows: list[dict]) -> None:
