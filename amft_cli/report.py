@@ -380,13 +380,16 @@ def _paired_markdown(table: dict, names: list[str]) -> list[str]:
 
 
 def sweep_csv(table: dict) -> str:
-    """One row per method: <column>_mean, _lo, _hi for every column, train time and rollouts."""
+    """One row per method: <column>_mean, _lo, _hi for every column, train time and rollouts; with a
+    --baseline also vs_<baseline>.<column>_mean, _lo, _hi (paired; empty on the baseline's row)."""
     keys = [*table["columns"], "train_time_s", "rollouts"]
+    paired = [f"vs_{table['baseline']}.{c}" for c in table["columns"]] if table.get("baseline") else []
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["algo", "n_seeds"] + [f"{key}_{part}" for key in keys for part in ("mean", "lo", "hi")])
+    writer.writerow(["algo", "n_seeds"] + [f"{key}_{part}" for key in keys + paired for part in ("mean", "lo", "hi")])
     for row in table["rows"]:
         stats = [row.get(key) or {} for key in keys]
+        stats += [row.get("vs_baseline", {}).get(c) or {} for c in table["columns"]] if paired else []
         writer.writerow([row["algo"], len(row["seeds"])]
                         + ["" if s.get(part) is None else s[part] for s in stats for part in ("mean", "lo", "hi")])
     return buffer.getvalue()

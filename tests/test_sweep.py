@@ -216,6 +216,11 @@ def test_paired_differences_with_the_baseline_on_the_same_seeds(tmp_path):
     assert "| method | seeds | Δ ID greedy | Δ ID avg@4 |" in md
     assert "| `amft` | 3 | 10.0 ± 5.0 * | 5.0 ± 2.5 * | 0.0 ± 0.0 | 0.0 ± 24.8 |" in md  # OOD: excludes no 0
     assert "| `mix` | 1 | -5.0 | -2.5 |" in md
+    header, sft_row, amft_row, _ = report.sweep_csv(table).splitlines()
+    columns = header.split(",")
+    assert columns[-3:] == ["vs_sft.ood.pass@k_mean", "vs_sft.ood.pass@k_lo", "vs_sft.ood.pass@k_hi"]
+    at = columns.index("vs_sft.id.greedy_mean")
+    assert float(amft_row.split(",")[at]) == pytest.approx(0.10) and sft_row.split(",")[at] == ""
     with pytest.raises(SweepError, match=r"--baseline 'rl': expected one of this sweep's methods \(sft, amft\)"):
         sweep.parse_baseline("rl", ["sft", "amft"])
     bad = subprocess.run([AMFT, "sweep", "--algo", "sft,amft", "--baseline", "rl", "--plain"], cwd=tmp_path, env=ENV,
