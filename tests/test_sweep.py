@@ -299,12 +299,28 @@ def test_plot_sweep_draws_means_intervals_seeds_and_bands(tmp_path):
 # a real tiny grid through the CLI
 
 
-def small_sets(data_dir: Path) -> list[str]:
-    sets = [f"task.data_dir={data_dir}", f"model.path={data_dir / 'model'}", "task.train_size=200",
+def small_set_list(data_dir: Path) -> list[str]:
+    return [f"task.data_dir={data_dir}", f"model.path={data_dir / 'model'}", "task.train_size=200",
             "task.val_size=8", "task.test_size=8", "task.ood_size=8", "train.steps=2", "train.save_every=1",
             "train.sft_batch_size=8", "train.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=8",
             "train.eval_at_end=false"]
-    return [a for s in sets for a in ("--set", s)]
+
+
+def small_sets(data_dir: Path) -> list[str]:
+    return [a for s in small_set_list(data_dir) for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """small_sets' data and tiny model, prepared once: the signal tests copy it to tmp_path/data, so
+    their sweeps skip the prepare (test_tiny_sweep_end_to_end prepares its own; the record of a
+    prepared folder names no path, so a copy is current)."""
+    from amft_cli.cli import resolve_config
+    from amft_cli.data import prepare
+
+    data = tmp_path_factory.mktemp("sweep-data") / "data"
+    prepare(resolve_config("tiny-math", small_set_list(data)), log=lambda msg: None)
+    return data
 
 
 @pytest.mark.slow
@@ -364,11 +380,12 @@ def _hangups_not_ignored() -> None:
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "SIGHUP", "terminal Ctrl-C"])
-def test_a_signal_to_the_sweep_stops_its_running_cell_with_a_checkpoint(how, tmp_path):
+def test_a_signal_to_the_sweep_stops_its_running_cell_with_a_checkpoint(how, tmp_path, prepared):
     """`kill PID` / `kill -INT PID` of the sweep alone, its terminal closing, or Ctrl-C in a terminal
     (SIGINT to the whole foreground group): the running cell gets ONE stop request (a second Ctrl-C
     would abort it without a checkpoint), ends its step with a checkpoint and exits; no further
     cell starts, no cell process is left behind, and the sweep exits 130 (rerunning it resumes)."""
+    shutil.copytree(prepared, tmp_path / "data")
     folder = tmp_path / "sweeps" / "t"
     args = ["sweep", "--preset", "tiny-math", "--algo", "sft,rl", "--seeds", "0", "--name", "t", "--plain",
             *small_sets(tmp_path / "data"), "--set", "train.steps=400", "--set", "train.save_every=1000"]
@@ -389,13 +406,15 @@ def test_a_signal_to_the_sweep_stops_its_running_cell_with_a_checkpoint(how, tmp
     log = (folder / "runs" / "sft-s0" / "sweep.log").read_text()
     assert 3 <= reached < 400 and f"interrupted: checkpoint sweeps/t/runs/sft-s0/checkpoints/step-{reached}" in log
     assert not (folder / "runs" / "rl-s0").exists()  # no new cell after the signal
+    assert not (folder / "prepare.log").exists()  # the copied data counted as prepared
     with open(folder / "runs" / "sft-s0" / ".lock") as f:  # the cell's process has ended (its lock is free)
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def test_under_nohup_a_hangup_does_not_stop_the_sweep(tmp_path):
+def test_under_nohup_a_hangup_does_not_stop_the_sweep(tmp_path, prepared):
     """`nohup amft sweep ... &` is how a sweep outlives its terminal: SIGHUP stays ignored, and the
     cell trains to its last step."""
+    shutil.copytree(prepared, tmp_path / "data")
     folder = tmp_path / "sweeps" / "t"
     args = ["sweep", "--preset", "tiny-math", "--algo", "sft", "--seeds", "0", "--name", "t", "--plain",
             *small_sets(tmp_path / "data"), "--set", "train.steps=40"]
@@ -411,10 +430,11 @@ def test_under_nohup_a_hangup_does_not_stop_the_sweep(tmp_path):
     assert max(checkpoint_dirs(folder / "runs" / "sft-s0")) == 40
 
 
-def test_a_killed_sweep_stops_its_running_cell_with_a_checkpoint(tmp_path):
+def test_a_killed_sweep_stops_its_running_cell_with_a_checkpoint(tmp_path, prepared):
     """SIGKILL of the sweep (or the OOM killer) passes nothing on, yet its running cell gets SIGTERM
     from Linux as the sweep dies (stop_with_parent): it ends its step with a checkpoint and exits,
     instead of training on with no sweep to evaluate it."""
+    shutil.copytree(prepared, tmp_path / "data")
     folder = tmp_path / "sweeps" / "t"
     args = ["sweep", "--preset", "tiny-math", "--algo", "sft", "--seeds", "0", "--name", "t", "--plain",
             *small_sets(tmp_path / "data"), "--set", "train.steps=400", "--set", "train.save_every=1000"]
