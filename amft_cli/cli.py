@@ -306,9 +306,9 @@ def sweep_cmd(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = S
     from amft_cli import sweep
 
     sets = list(overrides or []) + ([f"train.steps={steps}"] if steps is not None else [])
-    methods_ = sweep.parse_algos(algos)
-    grid = sweep.Grid(name or preset_name(preset), preset or DEFAULT_PRESET, methods_, sweep.parse_seeds(seeds), sets,
-                      k, limit, sweep.parse_baseline(baseline, methods_))
+    algo_list = sweep.parse_algos(algos)
+    grid = sweep.Grid(name or preset_name(preset), preset or DEFAULT_PRESET, algo_list, sweep.parse_seeds(seeds), sets,
+                      k, limit, sweep.parse_baseline(baseline, algo_list))
     with stdout_reserved(json_out) as stdout:
         table, outcomes = sweep.run(grid, jobs, live, console)
         console.print(f"wrote {', '.join(table['files'])}  (next: amft plot sweep {grid.folder})", highlight=False)

@@ -97,12 +97,15 @@ def changes(before: dict, now: dict) -> list[str]:
     return [f"{name} {before.get(name)} → {now.get(name)}" for name in now if before.get(name) != now.get(name)]
 
 
+def _start_lines(run_dir: Path) -> list[str]:
+    """The non-empty lines of run_dir's environment.jsonl, oldest first ([] without one, e.g. an older run)."""
+    path = Path(run_dir) / ENVIRONMENT_FILE
+    return [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def last_start(run_dir: Path) -> dict | None:
     """The newest line of run_dir's environment.jsonl (None: no start recorded, e.g. an older run)."""
-    path = Path(run_dir) / ENVIRONMENT_FILE
-    if not path.is_file():
-        return None
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    lines = _start_lines(run_dir)
     try:
         return json.loads(lines[-1]) if lines else None
     except json.JSONDecodeError:
@@ -113,9 +116,8 @@ def trained_on(run_dir: Path) -> list[dict]:
     """What run_dir was trained under, one dict per distinct setting, oldest first: the versions
     and `device` (the GPU's name, else the CPU's). A resume under other software adds one; a
     line cut short by a killed start is skipped; [] for a run without environment.jsonl."""
-    path = Path(run_dir) / ENVIRONMENT_FILE
     seen: list[dict] = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
+    for line in _start_lines(run_dir):
         try:
             start = json.loads(line)
         except json.JSONDecodeError:
