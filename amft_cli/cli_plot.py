@@ -1,4 +1,4 @@
-"""`amft plot ...`: figures from run and sweep folders (the drawing is in plot.py)."""
+"""`amft plot ...`: figures from run and sweep folders (the drawing is in plot.py and plot_sweep.py)."""
 
 from __future__ import annotations
 
@@ -66,10 +66,11 @@ def plot_eval(runs: List[Path] = typer.Argument(..., help="Run directories with 
 @app.command("sweep")
 def plot_sweep(folder: Path = typer.Argument(..., help="Sweep folder (sweeps/<name>) with its table.json."),
                out: Optional[Path] = OUT, fmt: str = FMT):
-    """Per-method bars with 95 % intervals over seeds (ID and OOD), and learning curves with bands.
+    """Per-method bars with 95 % intervals over seeds (ID and OOD), the paired differences with the
+    sweep's --baseline if it had one, and learning curves with bands.
 
     Example: amft plot sweep sweeps/tiny-gp
     """
-    from amft_cli import plot
+    from amft_cli.plot_sweep import sweep
 
-    console.print(f"wrote {plot.sweep(folder, out=out, fmt=fmt)}")
+    console.print(f"wrote {sweep(folder, out=out, fmt=fmt)}")

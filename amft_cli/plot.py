@@ -1,5 +1,5 @@
-"""Figures from run directories: the μ curriculum of one run, runs compared, eval tables,
-and a sweep's method × seed table (bars with intervals, learning curves with bands).
+"""Figures from run directories: the μ curriculum of one run, runs compared, eval tables
+(a sweep's figure is in plot_sweep.py, which uses the helpers here).
 
 Each figure has a pure builder returning a matplotlib Figure (tests read its
 lines, bars and table cells) and a wrapper that saves it, by default to
@@ -21,8 +21,7 @@ from matplotlib.figure import Figure
 
 from amft_cli.evaluate import EPISODE_METRICS, table_rows
 from amft_cli.fsio import user_io
-from amft_cli.report import t_interval
-from amft_cli.rundir import plots_dir, read_config, read_eval, read_metrics, read_sweep_table, sweep_cell_dir
+from amft_cli.rundir import plots_dir, read_config, read_eval, read_metrics
 
 FORMATS = ("png", "svg", "pdf")
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple",
@@ -316,77 +315,3 @@ def eval_table(run_dirs: list[Path], out: str | Path | None = None, fmt: str = "
     if not run_dirs:
         raise PlotError("plot eval: name at least one run directory")
     return _save(eval_table_figure(run_dirs), _output(run_dirs[0], out, fmt, "eval"))
-
-
-# ---------------------------------------------------------------------------
-# amft plot sweep
-
-SWEEP_CURVES = (("reward/accuracy", "training rollout accuracy"), ("loss/sft", "SFT loss"))
-
-
-def _sweep_bars(ax: Axes, table: dict) -> None:
-    """One group per column (ID then OOD metrics), one bar per method at its mean over seeds,
-    the 95 % t-interval as error bar and each seed as a dot."""
-    columns, rows = table["columns"], table["rows"]
-    width = 0.8 / max(1, len(rows))
-    for i, row in enumerate(rows):
-        xs = [j - 0.4 + width * (i + 0.5) for j in range(len(columns))]
-        stats = [row.get(c) or {} for c in columns]
-        means = [math.nan if s.get("mean") is None else s["mean"] for s in stats]
-        halves = [0.0 if s.get("half") is None else s["half"] for s in stats]
-        color = COLORS[i % len(COLORS)]
-        ax.bar(xs, means, width=width * 0.9, color=color, alpha=0.8, label=f"{row['algo']} (n={len(row['seeds'])})")
-        ax.errorbar(xs, means, yerr=halves, fmt="none", ecolor="black", capsize=3, linewidth=1)
-        for x, s in zip(xs, stats):
-            ax.scatter([x] * len(s.get("values", [])), s.get("values", []), color="black", s=8, zorder=3)
-    k = table.get("k")
-    ax.set_xticks(range(len(columns)), [c.replace("id.", "ID\n").replace("ood.", "OOD\n").replace(
-        "@k", f"@{k}" if isinstance(k, int) else "@k") for c in columns])
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("mean over seeds")
-    ax.set_title(f"{table.get('sweep', '')}: bars = mean, whiskers = {table.get('interval', '95 % interval')}, "
-                 "dots = seeds", fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    _legend(ax)
-
-
-def _band_curves(ax: Axes, sweep_dir: Path, table: dict, key: str) -> None:
-    """Per method: the EMA of `key` averaged over seeds, with its 95 % t-interval as a band."""
-    for i, row in enumerate(table["rows"]):
-        curves = []
-        for seed in row["seeds"]:
-            steps, values = series(read_metrics(sweep_cell_dir(sweep_dir, row["algo"], seed)), key)
-            if steps:
-                curves.append(dict(zip(steps, ema(values))))
-        common = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-        if not common:
-            continue
-        stats = [t_interval([c[s] for c in curves]) for s in common]
-        color = COLORS[i % len(COLORS)]
-        ax.plot(common, [s["mean"] for s in stats], color=color, linewidth=1.6, label=row["algo"])
-        if len(curves) > 1:
-            ax.fill_between(common, [s["lo"] for s in stats], [s["hi"] for s in stats], color=color, alpha=0.2)
-    if not ax.lines:
-        _not_logged(ax, key)
-
-
-def sweep_figure(sweep_dir: Path) -> Figure:
-    """The sweep table as bars with intervals, above learning curves with bands over seeds."""
-    table = read_sweep_table(sweep_dir)
-    if not table["rows"]:
-        raise PlotError(f"{sweep_dir}: the sweep has no evaluated runs yet")
-    fig = Figure(figsize=(12, 9), layout="constrained")
-    axes = fig.subplot_mosaic([["bars"] * len(SWEEP_CURVES), [key for key, _ in SWEEP_CURVES]])
-    _sweep_bars(axes["bars"], table)
-    for key, label in SWEEP_CURVES:
-        _band_curves(axes[key], Path(sweep_dir), table, key)
-        axes[key].set_title(f"{label} (EMA; band: 95 % t-interval over seeds)", fontsize=10)
-        axes[key].set_xlabel("step")
-        axes[key].grid(alpha=0.3)
-        _legend(axes[key])
-    return fig
-
-
-def sweep(sweep_dir: Path, out: str | Path | None = None, fmt: str = "png") -> Path:
-    """Save the sweep figure (default: SWEEP/plots/sweep.png)."""
-    return _save(sweep_figure(sweep_dir), _output(sweep_dir, out, fmt, "sweep"))

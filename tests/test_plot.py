@@ -217,6 +217,6 @@ def test_eval_table_of_a_run_without_eval_names_it(tmp_path):
 
 
 def test_plot_module_never_imports_torch():
-    code = "import amft_cli.plot, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import amft_cli.plot, amft_cli.plot_sweep, sys; assert 'torch' not in sys.modules, 'torch imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -266,7 +266,7 @@ def test_the_table_says_what_its_runs_were_trained_under_and_what_differs():
 
 
 def test_plot_sweep_draws_means_intervals_seeds_and_bands(tmp_path):
-    from amft_cli import plot
+    from amft_cli import plot_sweep
     from amft_cli.rundir import sweep_cell_dir
 
     grid = Grid("s", "tiny-gp", ["amft", "sft"], [0, 1], root=tmp_path)
@@ -279,7 +279,7 @@ def test_plot_sweep_draws_means_intervals_seeds_and_bands(tmp_path):
         rows = [{"step": s, "loss/sft": 2.0 + seed, **({"reward/accuracy": accuracy} if accuracy is not None else {})}
                 for s in (1, 2, 3)]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    fig = plot.sweep_figure(grid.folder)
+    fig = plot_sweep.sweep_figure(grid.folder)
     bars, accuracy, loss = fig.axes[:3]
     heights = [round(p.get_height(), 6) for p in bars.patches]
     # columns id.greedy, id.avg@k, id.pass@k, ood.greedy, ood.avg@k, ood.pass@k; amft's bars, then sft's
@@ -292,7 +292,57 @@ def test_plot_sweep_draws_means_intervals_seeds_and_bands(tmp_path):
     assert list(accuracy.lines[0].get_ydata()) == [0.5, 0.5, 0.5]
     assert [line.get_label() for line in loss.lines] == ["amft", "sft"]
     assert list(loss.lines[1].get_ydata()) == [2.5, 2.5, 2.5] and len(loss.collections) == 2  # two bands
-    assert plot.sweep(grid.folder).name == "sweep.png"
+    assert plot_sweep.sweep(grid.folder).name == "sweep.png"
+    assert len(fig.axes) == 3  # no --baseline: no paired panel
+
+
+def _cells_with_metrics(folder: Path, records: list[dict]) -> None:
+    from amft_cli.rundir import sweep_cell_dir
+
+    for r in records:
+        run = sweep_cell_dir(folder, r["algo"], r["seed"])
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss/sft": 1.0}) + "\n" for s in (1, 2)))
+
+
+def test_plot_sweep_draws_the_paired_differences_with_the_baseline(tmp_path):
+    from amft_cli import plot_sweep
+
+    grid = Grid("s", "tiny-gp", ["amft", "mix", "sft"], [0, 1, 2], root=tmp_path, baseline="sft")
+    records = [record("amft", 0, 0.20, 0.1, 60.0, 100), record("amft", 1, 0.40, 0.2, 60.0, 100),
+               record("amft", 2, 0.30, 0.0, 60.0, 100), record("mix", 1, 0.90, 0.3, 60.0, 100),
+               record("sft", 0, 0.25, 0.0, 30.0, 0), record("sft", 1, 0.50, 0.2, 30.0, 0),
+               record("sft", 2, 0.30, 0.1, 30.0, 0)]
+    _cells_with_metrics(grid.folder, records)
+    sweep.write_tables(report.sweep_table(grid, records), grid.folder)
+    fig = plot_sweep.sweep_figure(grid.folder)
+    assert len(fig.axes) == 4
+    bars, paired = fig.axes[:2]
+    assert "each method − sft" in paired.get_title()
+    points = [c for c in paired.collections if type(c).__name__ == "PathCollection"]
+    # amft's means (diamonds), then one set of seed dots per column; then mix's; sft (the baseline) has none
+    assert len(points) == 2 * 7
+    assert [round(y, 6) for _, y in points[0].get_offsets()] == [-0.05, -0.025, 0.0, 0.0, -0.025, 0.0]
+    assert [round(y, 6) for _, y in points[1].get_offsets()] == [-0.05, -0.1, 0.0]  # ID greedy, amft − sft by seed
+    assert [round(y, 6) for _, y in points[4].get_offsets()] == [0.1, 0.0, -0.1]  # OOD greedy
+    assert [round(y, 6) for _, y in points[7].get_offsets()] == [0.4, 0.2, 0.0, 0.1, 0.2, 0.0]  # mix: seed 1 only
+    whiskers = [c for c in paired.collections if type(c).__name__ == "LineCollection"]
+    low, high = whiskers[0].get_segments()[0]  # amft ID greedy: −0.05 ± 4.3027 · 0.05 / √3
+    assert low[1] == pytest.approx(-0.05 - 0.124208, rel=1e-4) and high[1] == pytest.approx(-0.05 + 0.124208, rel=1e-4)
+    assert list(paired.texts) == []  # no interval excludes 0 (mix's one seed has no interval)
+    assert list(paired.lines[-1].get_ydata()) == [0.0, 0.0]  # the zero line, drawn last
+    assert [t.get_text() for t in paired.get_legend().get_texts()] == ["amft − sft (n=3)", "mix − sft (n=1)"]
+    # each method keeps its colour from the bars
+    assert tuple(points[0].get_facecolor()[0][:3]) == tuple(bars.patches[0].get_facecolor()[:3])  # amft
+    assert tuple(points[7].get_facecolor()[0][:3]) == tuple(bars.patches[6].get_facecolor()[:3])  # mix
+
+    # amft 0.1 above sft on every seed's ID greedy: that interval excludes 0 and gets a star on its whisker
+    better = [dict(r, id={**r["id"], "greedy": r["id"]["greedy"] + 0.1}) for r in records if r["algo"] == "sft"]
+    records = [dict(r, algo="amft") for r in better] + [r for r in records if r["algo"] == "sft"]
+    sweep.write_tables(report.sweep_table(Grid("s", "tiny-gp", ["amft", "sft"], [0, 1, 2], root=tmp_path,
+                                               baseline="sft"), records), grid.folder)
+    paired = plot_sweep.sweep_figure(grid.folder).axes[1]
+    assert [(t.get_text(), round(t.xy[0], 6), round(t.xy[1], 6)) for t in paired.texts] == [("*", -0.2, 0.1)]
 
 
 # ---------------------------------------------------------------------------
