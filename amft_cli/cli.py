@@ -224,7 +224,7 @@ def _eval_target(run: Path | None, model: Path | None, preset: str | None, overr
 
 
 @app.command("eval", epilog=EXIT_CODES_HELP)
-def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: the most recent under runs/)."),
+def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: the most recently trained under runs/)."),
              model: Optional[Path] = typer.Option(None, "--model", help="Evaluate any model folder instead of a run (task from --preset); "
                                                   "results go to runs/eval-<preset>-<folder name>/eval/, never into the model folder."),
              preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET,

@@ -15,7 +15,7 @@ console = output_console()
 
 def export_cmd(out: Path = typer.Option(..., "--out", help="Folder to write the model to (created; must not exist "
                                         "or be empty, unless --overwrite)."),
-               run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: the most recent "
+               run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: the most recently trained "
                                                   "under runs/)."),
                step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: the latest)."),
                dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: "

@@ -27,7 +27,7 @@ FMT = typer.Option("png", "--format", help="png | svg | pdf.")
 
 
 @app.command("curriculum")
-def plot_curriculum(run: Optional[Path] = typer.Argument(None, help="Run directory (default: most recent)."),
+def plot_curriculum(run: Optional[Path] = typer.Argument(None, help="Run directory (default: the most recently trained under runs/)."),
                     out: Optional[Path] = OUT, fmt: str = FMT):
     """μ, reward/accuracy and entropy vs step; warm-up shaded, meta-updates marked, H* drawn.
 

@@ -151,20 +151,21 @@ def _require_dir(run_dir: Path) -> Path:
     return run_dir
 
 
-def _last_modified(run_dir: Path) -> float:
-    # appending to metrics.jsonl does not touch the folder's own mtime
-    paths = [run_dir, run_dir / metrics.METRICS_FILE, run_dir / CONFIG_FILE, run_dir / "checkpoints"]
+def _last_trained(run_dir: Path) -> float:
+    """When training last wrote to run_dir: its metrics, config or checkpoints, not the folder's own
+    mtime, which creating eval/ or plots/ moves (evaluating an older run must not make it "latest")."""
+    paths = [run_dir / metrics.METRICS_FILE, run_dir / CONFIG_FILE, run_dir / "checkpoints"]
     return max(p.stat().st_mtime for p in paths if p.exists())
 
 
 def latest_run(runs_root: Path = Path("runs")) -> Path:
-    """The most recently modified run under runs_root (one with metrics or checkpoints)."""
+    """The most recently trained run under runs_root (one with metrics or checkpoints)."""
     runs_root = Path(runs_root)
     runs = [d for d in runs_root.iterdir() if d.is_dir()] if runs_root.is_dir() else []
     runs = [d for d in runs if (d / metrics.METRICS_FILE).is_file() or (d / "checkpoints").is_dir()]
     if not runs:
         raise RunDirError(f"{runs_root}: no runs found (train one with `amft train`, or name a run directory)")
-    return max(runs, key=_last_modified)
+    return max(runs, key=_last_trained)
 
 
 def checkpoints(run_dir: Path) -> dict[int, Path]:

@@ -42,6 +42,10 @@ def test_latest_run_picks_the_newest_run_and_skips_other_folders(tmp_path):
     # appending a metrics line makes a run newest although its folder mtime is old
     os.utime(tmp_path / "old" / "metrics.jsonl", (4_000, 4_000))
     assert latest_run(tmp_path) == tmp_path / "old"
+    # evaluating or plotting another run (eval/, plots/ created now) does not make it the latest
+    (tmp_path / "mid" / "eval").mkdir()
+    (tmp_path / "mid" / "plots").mkdir()
+    assert latest_run(tmp_path) == tmp_path / "old"
 
 
 def test_latest_run_without_runs_is_a_one_line_error(tmp_path):
