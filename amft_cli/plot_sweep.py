@@ -25,6 +25,9 @@ SWEEP_CURVES = (("reward/accuracy", "training rollout accuracy"), ("loss/sft", "
 
 
 def _column_ticks(ax: Axes, table: dict) -> None:
+    """One tick per column and the same x range on both panels (the paired one has no baseline
+    slot, so autoscaling would shift it against the bars)."""
+    ax.set_xlim(-0.5, len(table["columns"]) - 0.5)
     k = table.get("k")
     ax.set_xticks(range(len(table["columns"])), [c.replace("id.", "ID\n").replace("ood.", "OOD\n").replace(
         "@k", f"@{k}" if isinstance(k, int) else "@k") for c in table["columns"]])

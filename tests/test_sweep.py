@@ -319,6 +319,7 @@ def test_plot_sweep_draws_the_paired_differences_with_the_baseline(tmp_path):
     assert len(fig.axes) == 4
     bars, paired = fig.axes[:2]
     assert "each method − sft" in paired.get_title()
+    assert paired.get_xlim() == bars.get_xlim() == (-0.5, 5.5)  # aligned columns
     points = [c for c in paired.collections if type(c).__name__ == "PathCollection"]
     # amft's means (diamonds), then one set of seed dots per column; then mix's; sft (the baseline) has none
     assert len(points) == 2 * 7
