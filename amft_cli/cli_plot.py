@@ -22,13 +22,17 @@ def _plot_run(run: Path | None) -> Path:
     return run
 
 
-OUT = typer.Option(None, "--out", help="Output file (default RUN/plots/<figure>.<format>).")
+def out_option(default: str):
+    return typer.Option(None, "--out", help=f"Output file (default {default}).")
+
+
 FMT = typer.Option("png", "--format", help="png | svg | pdf.")
 
 
 @app.command("curriculum")
-def plot_curriculum(run: Optional[Path] = typer.Argument(None, help="Run directory (default: the most recently trained under runs/)."),
-                    out: Optional[Path] = OUT, fmt: str = FMT):
+def plot_curriculum(run: Optional[Path] = typer.Argument(None, help="Run directory (default: the most recently "
+                                                                   "trained under runs/)."),
+                    out: Optional[Path] = out_option("RUN/plots/curriculum.<format>"), fmt: str = FMT):
     """μ, reward/accuracy and entropy vs step; warm-up shaded, meta-updates marked, H* drawn.
 
     Example: amft plot curriculum runs/tiny-math --format svg
@@ -40,7 +44,9 @@ def plot_curriculum(run: Optional[Path] = typer.Argument(None, help="Run directo
 
 @app.command("compare")
 def plot_compare(runs: List[Path] = typer.Argument(..., help="Run directories to overlay."),
-                 out: Optional[Path] = OUT, fmt: str = FMT):
+                 out: Optional[Path] = out_option("the first run's plots/compare.<format>; compare-eval."
+                                                  "<format> beside it for the eval bars"),
+                 fmt: str = FMT):
     """Training curves of several runs overlaid, plus ID-vs-OOD bars when they have eval results.
 
     Example: amft plot compare runs/tiny-gp runs/tiny-gp-sft runs/tiny-gp-rl
@@ -53,7 +59,7 @@ def plot_compare(runs: List[Path] = typer.Argument(..., help="Run directories to
 
 @app.command("eval")
 def plot_eval(runs: List[Path] = typer.Argument(..., help="Run directories with eval results."),
-              out: Optional[Path] = OUT, fmt: str = FMT):
+              out: Optional[Path] = out_option("the first run's plots/eval.<format>"), fmt: str = FMT):
     """A table figure of the runs' eval metrics.
 
     Example: amft plot eval runs/tiny-gp runs/tiny-gp-sft
@@ -65,7 +71,7 @@ def plot_eval(runs: List[Path] = typer.Argument(..., help="Run directories with 
 
 @app.command("sweep")
 def plot_sweep(folder: Path = typer.Argument(..., help="Sweep folder (sweeps/<name>) with its table.json."),
-               out: Optional[Path] = OUT, fmt: str = FMT):
+               out: Optional[Path] = out_option("SWEEP/plots/sweep.<format>"), fmt: str = FMT):
     """Per-method bars with 95 % intervals over seeds (ID and OOD), the paired differences with the
     sweep's --baseline if it had one, and learning curves with bands.
 
