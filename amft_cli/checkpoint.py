@@ -36,6 +36,21 @@ def checkpoint_dirs(run_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def resume_checkpoint(run_dir: Path) -> Path:
+    """The newest complete checkpoint of run_dir, for --resume. Without one there is nothing to
+    continue: starting over would rewrite the run's metrics, so that is a one-line refusal (a
+    step-N folder without its trainer state, which no save of ours leaves, is named as damaged)."""
+    complete = checkpoint_dirs(run_dir)
+    if complete:
+        return complete[max(complete)]
+    root = Path(run_dir) / "checkpoints"
+    damaged = sorted(d.name for d in root.iterdir() if _STEP_DIR.match(d.name)) if root.is_dir() else []
+    why = (f"{', '.join(damaged)} in {root} lack {STATE_FILE} (damaged)" if damaged
+           else "it has none (stopped before its first save)")
+    raise FileProblem(f"--resume {run_dir}: no complete checkpoint to continue from: {why}; --overwrite "
+                      "starts the run afresh")
+
+
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, keep: int = 2,
                     weights: dict | None = None) -> Path:
     """Write step-N atomically, then drop all but the newest `keep` checkpoints. weights: the

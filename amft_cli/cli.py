@@ -20,7 +20,8 @@ from rich.markup import escape
 
 from amft_cli import cli_compare, cli_export, cli_plot, methods, parallel, report
 from amft_cli.cli_options import (DEFAULT_PRESET, FAIL_UNDER, JSON_OUT, PRESET, SEED, SET, default_run_dir,
-                                  emit_json, preset_name, resolve_config, root, stdout_reserved)
+                                  emit_json, eval_flag_sets, preset_name, resolve_config, root,
+                                  stdout_reserved)
 from amft_cli.config import Config, ConfigError, validate
 from amft_cli.config_io import apply_overrides, field_help, list_presets
 from amft_cli.dashboard import output_console
@@ -251,16 +252,16 @@ def eval_cmd(run: Optional[Path] = typer.Option(None, "--run", help="Run directo
     if split not in evaluate.SPLIT_CHOICES:
         raise ConfigError(f"--split {split!r}: expected id, ood or all")
     which = "all" if ood else split
+    flags = eval_flag_sets(k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, limit=limit,
+                           batch_size=batch_size)
     with stdout_reserved(json_out) as stdout:
-        cfg, model_path, run, out = _eval_target(run, model, preset, overrides, step, out)
+        cfg, model_path, run, out = _eval_target(run, model, preset, [*(overrides or []), *flags], step, out)
         report.check_plan(thresholds, evaluate.eval_plan(cfg, which, k, greedy, on_disk=False),
                           list(evaluate.eval_plan(cfg, "all", on_disk=False)))
-        e = cfg.eval
-        results = evaluate.run_eval(
-            cfg, model_path, out, which, k=k, temperature=e.temperature if temperature is None else temperature,
-            top_p=top_p or e.top_p, greedy_only=greedy, max_new_tokens=max_new_tokens or e.max_new_tokens,
-            limit=e.limit if limit is None else limit, batch_size=batch_size or e.batch_size, seed=cfg.seed,
-            log=console.print)
+        e = cfg.eval  # k stays None unless given: then each set uses its own default (AIME: 32)
+        results = evaluate.run_eval(cfg, model_path, out, which, k=k, temperature=e.temperature, top_p=e.top_p,
+                                    greedy_only=greedy, max_new_tokens=e.max_new_tokens, limit=e.limit,
+                                    batch_size=e.batch_size, seed=cfg.seed, log=console.print)
         console.print(evaluate.results_table(results))
         files = [str(f) for split_name in results for f in rundir.split_files(out, split_name)]
         console.print(f"[dim]wrote {', '.join(files)}[/]", highlight=False)
@@ -306,9 +307,10 @@ def sweep_cmd(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = S
     from amft_cli import sweep
 
     sets = list(overrides or []) + ([f"train.steps={steps}"] if steps is not None else [])
+    eval_flag_sets(k=k, limit=limit)  # checked here; the cells get them as --k/--limit
     algo_list = sweep.parse_algos(algos)
-    grid = sweep.Grid(name or preset_name(preset), preset or DEFAULT_PRESET, algo_list, sweep.parse_seeds(seeds), sets,
-                      k, limit, sweep.parse_baseline(baseline, algo_list))
+    grid = sweep.Grid(sweep.parse_name(name or preset_name(preset)), preset or DEFAULT_PRESET, algo_list,
+                      sweep.parse_seeds(seeds), sets, k, limit, sweep.parse_baseline(baseline, algo_list))
     with stdout_reserved(json_out) as stdout:
         table, outcomes = sweep.run(grid, jobs, live, console)
         console.print(f"wrote {', '.join(table['files'])}  (next: amft plot sweep {grid.folder})", highlight=False)

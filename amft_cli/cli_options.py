@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from amft_cli import methods
-from amft_cli.config import Config, validate
+from amft_cli.config import Config, ConfigError, validate
 from amft_cli.config_io import apply_overrides, load_preset
 
 DEFAULT_PRESET = "tiny-math"
@@ -77,6 +77,22 @@ def resolve_config(preset: str | None, overrides: list[str] | None, seed: int | 
     cfg = validate(apply_overrides(cfg, shortcuts + list(overrides or [])))
     methods.check(cfg.train.algo)
     return cfg
+
+
+def eval_flag_sets(**flags) -> list[str]:
+    """`eval.<key>=value` overrides for the eval flags given (--k 4 -> eval.k=4), each checked as its
+    key is, so a flag takes no value its --set would refuse; the one-line error names the flag."""
+    sets = []
+    for key, value in flags.items():
+        if value is None:
+            continue
+        line = f"eval.{key}={value}"
+        try:
+            validate(apply_overrides(Config(), [line]))
+        except ConfigError as e:
+            raise ConfigError(f"--{key.replace('_', '-')} {value}: {str(e).split(': ', 1)[-1]}") from None
+        sets.append(line)
+    return sets
 
 
 def preset_name(preset: str | None) -> str:

@@ -38,6 +38,8 @@ class CompareError(ValueError):
 def eval_folder(path: Path) -> Path:
     """A run directory (its eval/) or an eval folder itself: where <split>.samples.jsonl lie."""
     path = Path(path)
+    if not path.is_dir():
+        raise CompareError(f"{path}: no such folder (expected a run directory or an eval folder)")
     for folder in (rundir.eval_dir(path), path):
         if any(folder.glob("*.samples.jsonl")):
             return folder
@@ -112,6 +114,10 @@ def compare(path_a: Path, path_b: Path) -> dict:
         if not other.is_file():
             continue
         records = [_eval_record(folder / f"{split}.json") for folder in (fa, fb)]
+        tasks = [r.get("task") for r in records]
+        if None not in tasks and tasks[0] != tasks[1]:
+            raise CompareError(f"{fa} and {fb}: {split} of task {tasks[0]} vs of task {tasks[1]}: not the same "
+                               "problems, nothing to pair")
         if any("route_success" in r.get("metrics", {}) for r in records):
             splits[split] = {"skipped": "scored per route (V-IRL): not paired per problem"}
             continue
@@ -121,5 +127,9 @@ def compare(path_a: Path, path_b: Path) -> dict:
         raise CompareError(f"{fa} and {fb}: no split evaluated in both (each holds "
                            f"{', '.join(p.name for p in sorted(fa.glob('*.samples.jsonl'))) or 'none'} / "
                            f"{', '.join(p.name for p in sorted(fb.glob('*.samples.jsonl'))) or 'none'})")
+    if not any(block.get("n") for block in splits.values() if "skipped" not in block) and not all(
+            "skipped" in block for block in splits.values()):
+        raise CompareError(f"{fa} and {fb}: no problem id in common ({', '.join(splits)}): evaluated on different "
+                           "test sets")
     splits = dict(sorted(splits.items(), key=lambda kv: bool(kv[1].get("ood"))))  # ID splits first
     return {"a": str(path_a), "b": str(path_b), "splits": splits}

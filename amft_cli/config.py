@@ -347,11 +347,17 @@ def _count_checks(cfg: Config) -> list:
         ("train.save_every", t.save_every), ("train.log_every", t.log_every),
         ("train.keep_checkpoints", t.keep_checkpoints), ("train.max_skipped_steps", t.max_skipped_steps),
         ("rl.max_new_tokens", cfg.rl.max_new_tokens), ("amft.meta_prompts", cfg.amft.meta_prompts),
-        ("eval.batch_size", cfg.eval.batch_size), ("eval.max_new_tokens", cfg.eval.max_new_tokens))]
+        ("eval.batch_size", cfg.eval.batch_size), ("eval.max_new_tokens", cfg.eval.max_new_tokens),
+        ("task.train_size", cfg.task.train_size), ("task.val_size", cfg.task.val_size),
+        ("task.test_size", cfg.task.test_size))]
     checks += [(value >= 0, key, "an integer >= 0") for key, value in (
         ("train.micro_batch_size", t.micro_batch_size), ("train.lr_warmup_steps", t.lr_warmup_steps),
         ("train.eval_limit", t.eval_limit), ("amft.warmup_steps", cfg.amft.warmup_steps),
-        ("eval.limit", cfg.eval.limit))]
+        ("eval.limit", cfg.eval.limit), ("task.ood_size", cfg.task.ood_size))]
+    for section in ("rl", "eval"):  # sampling: T = 0 would divide the logits by 0; greedy is its own metric
+        t, p = getattr(cfg, section).temperature, getattr(cfg, section).top_p
+        checks += [(t > 0, f"{section}.temperature", f"a float > 0, got {t}"),
+                   (0 < p <= 1, f"{section}.top_p", f"a float in (0, 1], got {p}")]
     return checks
 
 

@@ -28,6 +28,16 @@ class ExportError(ValueError):
     """An export that cannot be written as asked; printed as one line."""
 
 
+def _outside_the_run(out: Path, run: Path) -> None:
+    """--out may not be the run, a folder in it (its checkpoints, eval/) or one holding it:
+    with --overwrite the export would replace what the run has."""
+    target, run = out.resolve(), run.resolve()
+    where = ("is the run" if target == run else "is inside the run" if run in target.parents
+             else "holds the run" if target in run.parents else "")
+    if where:
+        raise ExportError(f"--out {out}: {where} {run}; export to a folder outside it")
+
+
 def export_checkpoint(checkpoint: Path, cfg: Config, out: Path, dtype: str | None = None,
                       overwrite: bool = False) -> dict:
     """Write checkpoint (a run's step-N folder, trained with cfg) to `out` as a plain model in
@@ -37,6 +47,7 @@ def export_checkpoint(checkpoint: Path, cfg: Config, out: Path, dtype: str | Non
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected {', '.join(DTYPES)}")
     out = Path(out)
+    _outside_the_run(out, Path(checkpoint).parent.parent)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise ExportError(f"--out {out}: already exists{'' if out.is_dir() else ' as a file'}; pass --overwrite "
                           "to replace it, or name a new folder")

@@ -30,6 +30,7 @@ REASONS = {
     errno.EPERM: "operation not permitted",
     errno.ENOENT: "no such file or directory",
     errno.ENOTDIR: "a part of the path is not a directory",
+    errno.EEXIST: "a file is in the way (a folder was expected there)",
     errno.EISDIR: "is a directory",
     errno.ENAMETOOLONG: "file name too long",
     errno.ENOLCK: "the file system does not support file locks",

@@ -104,6 +104,13 @@ def parse_baseline(name: str | None, algos: list[str]) -> str | None:
     return name
 
 
+def parse_name(name: str) -> str:
+    """--name: one folder under sweeps/ (a path would put the sweep, and its reruns' deletions, elsewhere)."""
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+        raise SweepError(f"--name {name!r}: expected a folder name under {SWEEPS_ROOT}/, e.g. tiny-gp-250 (no path)")
+    return name
+
+
 def parse_seeds(text: str) -> list[int]:
     """'0,1,2' or '0-2' -> [0, 1, 2]."""
     try:

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from amft_cli import algo, guard, methods, parallel, provenance, sharding
-from amft_cli.checkpoint import (checkpoint_dirs, load_trainer_state, restore_rng, rng_state,
+from amft_cli.checkpoint import (load_trainer_state, restore_rng, resume_checkpoint, rng_state,
                                  save_checkpoint)
 from amft_cli.config import Config, ConfigError
 from amft_cli.config_io import to_dict, to_toml
@@ -282,7 +282,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_metrics: Callable[[int, 
     dist = parallel.current()
     if not dist.is_main:  # the main process reports for all
         on_metrics, on_message = (lambda step, m: None), (lambda msg: None)
-    checkpoint = max(checkpoint_dirs(run_dir).items(), default=(None, None))[1] if resume else None
+    checkpoint = resume_checkpoint(run_dir) if resume else None
     saved = load_trainer_state(checkpoint) if checkpoint is not None else None
     check_processes(cfg, dist, saved, checkpoint)
     check_trackers(cfg.train.report_to)
@@ -297,7 +297,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_metrics: Callable[[int, 
     evaluates = cfg.train.eval_at_end and (dist.is_main or dist.sharded)  # FSDP: every forward takes all
     if saved is not None:
         summary = restore(run, method, optimizers, saved)
-        on_message(f"resumed from {checkpoint} (step {run.cursors.step})")
+        done = f"; train.steps is {cfg.train.steps}: nothing left to train" if run.cursors.step >= cfg.train.steps else ""
+        on_message(f"resumed from {checkpoint} (step {run.cursors.step}{done})")
     elif evaluates:
         summary["before"] = quick_eval(policy, cfg, run.task)
         on_message(f"before training: {summary['before']['label']} {summary['before']['value']:.1%} on unseen ID test problems")

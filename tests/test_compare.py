@@ -22,7 +22,8 @@ def test_mcnemar_exact_p_values():
     assert compare.mcnemar_p(5, 5) == 1.0 and compare.mcnemar_p(0, 0) == 1.0
 
 
-def write_eval(folder: Path, split: str, greedy: dict, samples: dict, temperature=0.6, metrics=None) -> None:
+def write_eval(folder: Path, split: str, greedy: dict, samples: dict, temperature=0.6, metrics=None,
+               task=None) -> None:
     """<split>.samples.jsonl and <split>.json as `amft eval` writes them (only the fields read)."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = [{"id": i, "mode": "greedy", "sample": 0, "status": "correct" if ok else "wrong"} for i, ok in greedy.items()]
@@ -31,7 +32,8 @@ def write_eval(folder: Path, split: str, greedy: dict, samples: dict, temperatur
     (folder / f"{split}.samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     settings = {"temperature": temperature, "top_p": 1.0, "max_new_tokens": 32, "k": 2, "limit": 0, "greedy_only": False}
     (folder / f"{split}.json").write_text(json.dumps({"split": split, "settings": settings, "verifier": "v1",
-                                                      "set_size": len(greedy), "metrics": metrics or {}}))
+                                                      "set_size": len(greedy), "metrics": metrics or {},
+                                                      **({"task": task} if task else {})}))
 
 
 def test_each_problem_is_paired_and_the_difference_is_b_minus_a(tmp_path):
@@ -67,8 +69,19 @@ def test_route_scored_splits_are_not_paired_and_bad_input_is_named(tmp_path):
     write_eval(tmp_path / "A", "test", {"r": True}, {}, metrics={"route_success": 1.0})
     write_eval(tmp_path / "B", "test", {"r": True}, {}, metrics={"route_success": 1.0})
     assert "skipped" in compare.compare(tmp_path / "A", tmp_path / "B")["splits"]["test"]
+    with pytest.raises(CompareError, match=r"C: no such folder \(expected a run directory or an eval folder\)"):
+        compare.compare(tmp_path / "A", tmp_path / "C")
+    (tmp_path / "C").mkdir()
     with pytest.raises(CompareError, match=r"C: no <split>.samples.jsonl here or under eval/"):
         compare.compare(tmp_path / "A", tmp_path / "C")
+    # another task's evaluation, or the same split name over other problems: nothing to pair
+    write_eval(tmp_path / "M", "test", {"p": True}, {}, task="tiny-math")
+    write_eval(tmp_path / "G", "test", {"p": True}, {}, task="gp")
+    with pytest.raises(CompareError, match=r"test of task tiny-math vs of task gp: not the same problems"):
+        compare.compare(tmp_path / "M", tmp_path / "G")
+    write_eval(tmp_path / "G2", "test", {"h1": True, "h2": False}, {}, task="tiny-math")
+    with pytest.raises(CompareError, match=r"no problem id in common \(test\): evaluated on different test sets"):
+        compare.compare(tmp_path / "M", tmp_path / "G2")
     write_eval(tmp_path / "D", "ood", {"r": True}, {})
     with pytest.raises(CompareError, match=r"no split evaluated in both \(each holds test.samples.jsonl / "
                                            r"ood.samples.jsonl\)"):
@@ -112,4 +125,4 @@ def test_amft_compare_on_what_amft_eval_writes(amft, tiny_data, tmp_path):
     as_json = amft("compare", str(tmp_path / "A"), str(tmp_path / "B"), "--json")
     assert json.loads(as_json.stdout)["splits"]["test"]["greedy"]["only_b"] == 3
     shutil.rmtree(tmp_path / "B")
-    one_line_error(amft("compare", str(tmp_path / "A"), str(tmp_path / "B")), "no <split>.samples.jsonl")
+    one_line_error(amft("compare", str(tmp_path / "A"), str(tmp_path / "B")), f"{tmp_path / 'B'}: no such folder")

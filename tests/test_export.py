@@ -87,6 +87,13 @@ def test_refusals_are_one_line_and_change_nothing(runs, tmp_path, amft):
     one_line_error(amft("export", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "new")),
                    str(tmp_path / "nothing"))
     assert snapshot(tmp_path) == before and not (tmp_path / "new").exists()
+    # --out at the run, in it or above it would, with --overwrite, replace the run's own files
+    kept = snapshot(runs)
+    full = (runs / "full").resolve()
+    for where, target in (("is the run", runs / "full"), ("is inside the run", runs / "full" / "checkpoints" / "step-3"),
+                          ("is inside the run", runs / "full" / "eval"), ("holds the run", runs)):
+        one_line_error(amft(*run, "--out", str(target), "--overwrite"), f"--out {target}: {where} {full}; export to")
+    assert snapshot(runs) == kept
     assert export_cli("--run", str(runs / "full"), "--out", str(out), "--overwrite").exit_code == 0
     assert (out / "model.safetensors").is_file() and not (out / "notes.txt").exists()
 

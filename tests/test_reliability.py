@@ -113,10 +113,59 @@ def test_preset_of_random_bytes(amft, tmp_path):
     (["--set", "train.lr=inf"], "train.lr: expected a finite number, got inf"),
     (["--set", "train.lr=nan"], "train.lr"),
     (["--set", "train.rl_lr=inf"], "train.rl_lr: expected a finite number"),
-], ids=["seed-overflow", "save-every-0", "lr-inf", "lr-nan", "rl-lr-inf"])
+    (["--set", "task.train_size=-1"], "task.train_size: expected an integer >= 1"),
+    (["--set", "task.val_size=0"], "task.val_size: expected an integer >= 1"),
+    (["--set", "rl.temperature=0"], "rl.temperature: expected a float > 0, got 0.0"),
+    (["--set", "rl.top_p=0"], "rl.top_p: expected a float in (0, 1], got 0.0"),
+    (["--set", "eval.top_p=2"], "eval.top_p: expected a float in (0, 1], got 2.0"),
+], ids=["seed-overflow", "save-every-0", "lr-inf", "lr-nan", "rl-lr-inf", "train-size", "val-size", "rl-temperature",
+        "rl-top-p", "eval-top-p"])
 def test_bad_knobs(amft, tmp_path, args, fragment):
     one_line_error(amft("train", *args, "--run-dir", str(tmp_path / "run")), fragment)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--k", "0"], "--k 0: expected an integer >= 1"),
+    (["--limit", "-3"], "--limit -3: expected an integer >= 0"),
+    (["--batch-size", "0"], "--batch-size 0: expected an integer >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: expected an integer >= 1"),
+    (["--temperature", "-1"], "--temperature -1.0: expected a float > 0"),
+    (["--top-p", "2"], "--top-p 2.0: expected a float in (0, 1]"),
+], ids=["k", "limit", "batch-size", "max-new-tokens", "temperature", "top-p"])
+def test_eval_flags_are_checked_as_their_keys(amft, trained, args, fragment):
+    """Each flag refuses what its --set eval.<key> refuses (they were once passed on unchecked:
+    --k 0 ran k = 8, --limit -3 every example); nothing is written."""
+    before = snapshot(trained)
+    one_line_error(amft("eval", "--run", str(trained), *args), fragment)
+    assert snapshot(trained) == before
+
+
+def test_a_file_where_a_folder_is_expected(amft, trained, tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    in_the_way = "a file is in the way (a folder was expected there)"
+    one_line_error(amft("train", "--run-dir", str(file)), str(file), in_the_way)
+    one_line_error(amft("eval", "--run", str(trained), "--limit", "2", "--greedy", "--out", str(file)), str(file),
+                   in_the_way)
+    one_line_error(amft("prepare", "--set", f"task.data_dir={file}"), str(file), "writing the data splits", in_the_way)
+    assert file.read_text() == "mine"
+
+
+def test_resume_without_a_complete_checkpoint_refuses_instead_of_starting_over(amft, trained, tmp_path):
+    """Starting over would rewrite the run's metrics; --resume names why there is nothing to continue."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    for step in (2, 4):
+        (run / "checkpoints" / f"step-{step}" / "trainer_state.pt").unlink()
+    before = snapshot(run)
+    one_line_error(amft("train", "--resume", str(run), "--steps", "6", "--plain"),
+                   f"--resume {run}: no complete checkpoint to continue from: step-2, step-4 in "
+                   f"{run / 'checkpoints'} lack trainer_state.pt (damaged); --overwrite starts the run afresh")
+    shutil.rmtree(run / "checkpoints")
+    one_line_error(amft("train", "--resume", str(run), "--steps", "6", "--plain"),
+                   "it has none (stopped before its first save)")
+    assert snapshot(run) == {k: v for k, v in before.items() if not k.startswith("checkpoints")}
 
 
 # ---------------------------------------------------------------------------

@@ -52,6 +52,23 @@ def test_bad_seeds(text):
         sweep.parse_seeds(text)
 
 
+@pytest.mark.parametrize("name", ["../../etc", "a/b", "..", ".", " ", "a\\b"])
+def test_a_sweep_name_is_one_folder_under_sweeps(name):
+    with pytest.raises(SweepError, match=r"--name .*: expected a folder name under sweeps/"):
+        sweep.parse_name(name)
+    assert sweep.parse_name("tiny-gp-250") == "tiny-gp-250"
+
+
+def test_sweep_eval_flags_and_name_are_checked_before_anything_is_written(tmp_path):
+    for args, fragment in ((["--k", "0"], "--k 0: expected an integer >= 1"),
+                           (["--limit", "-1"], "--limit -1: expected an integer >= 0"),
+                           (["--name", "../out"], "--name '../out': expected a folder name")):
+        bad = subprocess.run([AMFT, "sweep", "--algo", "sft", "--seeds", "0", "--plain", *args], cwd=tmp_path, env=ENV,
+                             capture_output=True, text=True, timeout=120)
+        one_line_error(bad, fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cells_carry_algo_and_seed_into_their_config(tmp_path):
     grid = Grid("g", "tiny-gp", ["sft", "amft"], [0, 2], ["train.steps=7"], root=tmp_path)
     cells = grid.cells()
