@@ -20,7 +20,7 @@ from rich.markup import escape
 
 from amft_cli import cli_compare, cli_export, cli_plot, methods, parallel, report
 from amft_cli.cli_options import (DEFAULT_PRESET, FAIL_UNDER, JSON_OUT, PRESET, SEED, SET, default_run_dir,
-                                  emit_json, eval_flag_sets, preset_name, resolve_config, root,
+                                  emit_json, eval_flag_sets, preset_name, resolve_config, root, run_app,
                                   stdout_reserved)
 from amft_cli.config import Config, ConfigError, validate
 from amft_cli.config_io import apply_overrides, field_help, list_presets
@@ -378,7 +378,7 @@ def _main() -> None:
     # ModelError, RunDirError, EvalError and PlotError are ValueErrors: importing their modules
     # here would load torch and transformers (~3 s) before every --help or one-line error.
     try:
-        app()
+        run_app(app)
     except (ValueError, FileNotFoundError) as e:
         if not _is_user_error(e):
             raise

@@ -36,8 +36,9 @@ def export_cmd(out: Path = typer.Option(..., "--out", help="Folder to write the 
         if run is None:
             run = rundir.latest_run()
             console.print(f"[dim]using the most recent run: {run}[/]")
+        cfg = rundir.read_config(run)  # first: a folder that is not a run is named as such
         checkpoint = rundir.resolve_checkpoint(run, step)
-        done = export_checkpoint(checkpoint, rundir.read_config(run), out, dtype, overwrite)
+        done = export_checkpoint(checkpoint, cfg, out, dtype, overwrite)
         merged = ", LoRA adapters merged" if done["merged_lora"] else ""
         console.print(f"exported {checkpoint} to {done['out']}: {done['parameters']:,} parameters in "
                       f"{done['dtype']}{merged}, {done['bytes'] / 1e6:.1f} MB", highlight=False)

@@ -12,7 +12,7 @@ import typer
 
 from amft_cli import methods
 from amft_cli.config import Config, ConfigError, validate
-from amft_cli.config_io import apply_overrides, load_preset
+from amft_cli.config_io import apply_overrides, load_preset, preset_path
 
 DEFAULT_PRESET = "tiny-math"
 
@@ -74,8 +74,15 @@ def resolve_config(preset: str | None, overrides: list[str] | None, seed: int | 
     """Preset (or the embedded default) + shortcuts + --set overrides, validated."""
     cfg = load_preset(preset or DEFAULT_PRESET)
     shortcuts = [f"{k}={v}" for k, v in (("seed", seed), ("train.algo", algo), ("train.steps", steps)) if v is not None]
-    cfg = validate(apply_overrides(cfg, shortcuts + list(overrides or [])))
-    methods.check(cfg.train.algo)
+    sets = shortcuts + list(overrides or [])
+    try:
+        cfg = validate(apply_overrides(cfg, sets))
+        methods.check(cfg.train.algo)
+    except ConfigError as e:  # a value out of range: say where it came from, the command line or the file
+        keys = str(e).split(":", 1)[0].split("/")
+        keys = [keys[0]] + [keys[0].rsplit(".", 1)[0] + "." + k for k in keys[1:]]  # "amft.mu_min/mu_max"
+        given = any(line.split("=", 1)[0].strip() in keys for line in sets)
+        raise ConfigError(str(e) if given else f"{preset_path(preset or DEFAULT_PRESET)}: {e}") from None
     return cfg
 
 
@@ -120,3 +127,18 @@ def root(version: bool = typer.Option(False, "--version", callback=_print_versio
                                       help="Print the versions of amft-cli (and its commit) and of the packages "
                                            "its numbers depend on, then exit.")) -> None:
     pass  # `amft` itself has one option; typer's app help stays the app's
+
+
+def run_app(app: typer.Typer) -> None:
+    """Run the typer app; click's own usage errors (an unknown flag, a value that is not an integer,
+    a missing argument) become a ConfigError, one line like every other mistake, instead of
+    typer's boxed usage panel. Exit codes pass through (typer.Exit(3) exits 3)."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as e:  # typer 0.29 vendors click (typer._click): its UsageError is known by its exit code 2
+        if getattr(e, "exit_code", None) != 2 or not hasattr(e, "format_message"):
+            raise
+        where = e.ctx.command_path if getattr(e, "ctx", None) else "amft"
+        raise ConfigError(f"{where}: {' '.join(e.format_message().split())} (see {where} --help)") from None
+    if isinstance(code, int) and code:
+        sys.exit(code)

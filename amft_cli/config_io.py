@@ -120,11 +120,15 @@ def list_presets() -> dict[str, str]:
     return out
 
 
+def preset_path(name_or_path: str) -> Path:
+    """The TOML file of a preset name (presets/NAME.toml) or path."""
+    path = Path(name_or_path)
+    return path if path.suffix == ".toml" and path.is_file() else presets_dir() / f"{name_or_path}.toml"
+
+
 def load_preset(name_or_path: str) -> Config:
     """A preset by name (presets/NAME.toml) or by path to a TOML file."""
-    path = Path(name_or_path)
-    if not (path.suffix == ".toml" and path.is_file()):
-        path = presets_dir() / f"{name_or_path}.toml"
+    path = preset_path(name_or_path)
     if not path.is_file():
         names = ", ".join(list_presets()) or "none found"
         raise ConfigError(f"--preset {name_or_path!r}: no such preset or TOML file (presets: {names})")

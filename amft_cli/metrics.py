@@ -44,19 +44,22 @@ def _clean(value: Any) -> Any:
     return number if math.isfinite(number) else None
 
 
-def _parse_lines(text: str, path: Path) -> list[tuple[str, dict]]:
-    """(raw line, record) pairs; an unparseable LAST line (a killed writer) is dropped."""
-    lines = [line for line in text.splitlines() if line.strip()]
+def _parse_lines(data: bytes, path: Path) -> list[tuple[str, dict]]:
+    """(raw line, record) pairs; an unparseable LAST line (a killed writer) is dropped. Any other
+    bad line is a ValueError naming the file and its 1-based line (blank lines counted)."""
+    lines = [(number, line) for number, line in enumerate(data.split(b"\n"), 1) if line.strip()]
     parsed = []
-    for i, line in enumerate(lines):
+    for i, (number, raw) in enumerate(lines):
         try:
+            line = raw.decode("utf-8")
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             if i == len(lines) - 1:
                 break
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}: line {i + 1} is not a JSON object")
+            what = "not valid UTF-8" if isinstance(e, UnicodeDecodeError) else "not valid JSON"
+            raise ValueError(f"{path}: line {number} is {what}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}: line {number} is not a step record (a JSON object with an integer \"step\")")
         parsed.append((line, record))
     return parsed
 
@@ -72,15 +75,16 @@ def read_metrics(path: Path) -> list[dict]:
         path = path / METRICS_FILE
     if not path.is_file():
         raise ValueError(f"{path}: no metrics file (expected a run directory or its {METRICS_FILE})")
-    return [record for _, record in _parse_lines(path.read_text(encoding="utf-8"), path)]
+    with user_io(path, "reading the metrics"):
+        data = path.read_bytes()
+    return [record for _, record in _parse_lines(data, path)]
 
 
 def _truncate_to_step(path: Path, last_step: int) -> None:
     """Keep only lines with step <= last_step, replacing the file atomically."""
     if not path.is_file():
         return
-    kept = [line for line, record in _parse_lines(path.read_text(encoding="utf-8"), path)
-            if isinstance(record.get("step"), (int, float)) and record["step"] <= last_step]
+    kept = [line for line, record in _parse_lines(path.read_bytes(), path) if record["step"] <= last_step]
     fd, tmp = tempfile.mkstemp(prefix=".metrics-", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -81,6 +81,17 @@ def test_read_metrics_rejects_a_corrupt_middle_line_and_a_missing_file(tmp_path)
         read_metrics(path)
     with pytest.raises(ValueError, match="no metrics file"):
         read_metrics(tmp_path / "nowhere")
+    # the line number counts blank lines; bytes that are not UTF-8 and records without a step are named too
+    for body, message in ((b'{"step": 1}\n\n\nnot json\n{"step": 2}\n', "line 4 is not valid JSON"),
+                          (b'{"step": 1}\n{"step": 2, "x": "\xff\xfe"}\n{"step": 3}\n', "line 2 is not valid UTF-8"),
+                          (b'{"time": 1}\n{"step": 2}\n', "line 1 is not a step record"),
+                          (b'{"step": "two"}\n{"step": 2}\n', "line 1 is not a step record"),
+                          (b'[1]\n{"step": 2}\n', "line 1 is not a step record")):
+        path.write_bytes(body)
+        with pytest.raises(ValueError, match=f"^{path}: {message}"):
+            read_metrics(path)
+    path.write_bytes(b'{"step": 1}\n{"step": 2}\n{"step": 3, "x": "\xff')  # a killed writer: dropped
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
 
 
 def test_numpy_like_scalars_are_written_as_plain_floats(tmp_path):

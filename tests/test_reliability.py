@@ -126,6 +126,39 @@ def test_bad_knobs(amft, tmp_path, args, fragment):
 
 
 @pytest.mark.parametrize("args, fragment", [
+    (["train", "--steps", "abc"], "amft train: Invalid value for '--steps'"),
+    (["train", "--stepz", "2"], "amft train: No such option: --stepz"),
+    (["compare", "runs/a"], "amft compare: Missing argument"),
+    (["export", "--run", "runs/a"], "amft export: Missing option '--out'"),
+    (["sweep", "--jobs", "0"], "amft sweep: Invalid value for '--jobs'"),
+    (["plot", "curve"], "amft plot: No such command 'curve'"),
+], ids=["not-an-integer", "unknown-flag", "missing-argument", "missing-option", "below-min", "unknown-command"])
+def test_usage_errors_are_one_line_too(amft, tmp_path, args, fragment):
+    """What typer itself refuses (before any of our code runs) is one line as well, not its usage panel."""
+    line = one_line_error(amft(*args), fragment)
+    assert line.endswith(f"(see amft {args[0]} --help)")
+
+
+@pytest.mark.parametrize("toml, sets, message", [
+    ("[rl]\ngroup_size = -1\n", ["rl.group_size=-1"], "rl.group_size: expected an integer >= 2"),
+    ("[amft]\nmu_init = 1.5\n", ["amft.mu_init=1.5"], "amft.mu_init: expected a value in [mu_min, mu_max]"),
+    ("[amft]\nmu_min = 0.9\nmu_max = 0.2\nmu_init = 0.5\n", ["amft.mu_min=0.9", "amft.mu_max=0.2"],
+     "amft.mu_min/mu_max: expected 0 <= mu_min < mu_max <= 1"),
+    ("[train]\nalgo = \"amtf\"\n", ["train.algo=amtf"], "train.algo: unknown method 'amtf'"),
+], ids=["group-size", "mu-init", "mu-min-max", "algo"])
+def test_a_value_out_of_range_names_where_it_was_set(tmp_path, toml, sets, message):
+    """From the preset file: the file is named; the same value from --set: the key alone (the command line)."""
+    preset = tmp_path / "mine.toml"
+    preset.write_text(toml)
+    with pytest.raises(ValueError) as e:
+        resolve_config(str(preset), [])
+    assert str(e.value).startswith(f"{preset}: {message}")
+    with pytest.raises(ValueError) as e:
+        resolve_config("tiny-math", sets)
+    assert str(e.value).startswith(message)
+
+
+@pytest.mark.parametrize("args, fragment", [
     (["--k", "0"], "--k 0: expected an integer >= 1"),
     (["--limit", "-3"], "--limit -3: expected an integer >= 0"),
     (["--batch-size", "0"], "--batch-size 0: expected an integer >= 1"),
