@@ -20,8 +20,8 @@ from rich.markup import escape
 
 from amft_cli import cli_compare, cli_export, cli_plot, methods, parallel, report
 from amft_cli.cli_options import (DEFAULT_PRESET, FAIL_UNDER, JSON_OUT, PRESET, SEED, SET, default_run_dir,
-                                  emit_json, eval_flag_sets, preset_name, resolve_config, root, run_app,
-                                  stdout_reserved)
+                                  emit_json, eval_flag_sets, is_user_error, preset_name, resolve_config, root,
+                                  run_app, stdout_reserved)
 from amft_cli.config import Config, ConfigError, validate
 from amft_cli.config_io import apply_overrides, field_help, list_presets
 from amft_cli.dashboard import output_console
@@ -114,10 +114,13 @@ def _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwri
     directory's lock (one writer per run, taken before anything is written). An existing run is
     replaced only with --overwrite, continued with --resume DIR or --auto-resume. Several
     processes (torchrun, accelerate launch): every one checks, the main one locks and writes."""
-    from amft_cli.rundir import RunLock, clear_run, holds_run
+    from amft_cli.rundir import RunLock, clear_run, holds_run, shape_differences
 
     if auto_resume and (resume is not None or overwrite):
         raise ConfigError("--auto-resume picks between starting and continuing itself: drop --resume/--overwrite")
+    ignored = [flag for flag, given in (("--preset", preset), ("--run-dir", run_dir), ("--overwrite", overwrite)) if given]
+    if resume is not None and ignored:  # the run's own config.toml and folder are what --resume continues
+        raise ConfigError(f"--resume {resume} continues that run with its own config.toml: drop {', '.join(ignored)}")
     if resume is not None and not resume.is_dir():
         raise ConfigError(f"--resume {resume}: no such directory")
     cfg = resolve_config(preset, overrides, seed, algo, steps) if resume is None else None
@@ -128,6 +131,9 @@ def _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwri
             if not (resume / "config.toml").is_file():
                 raise ConfigError(f"--resume {resume}: no config.toml there — is it a run directory?")
             cfg = resolve_config(str(resume / "config.toml"), overrides, seed, algo, steps)
+            if shape_differences(resume, cfg):
+                raise ConfigError(f"--resume {resume}: {'; '.join(shape_differences(resume, cfg))}: the weights "
+                                  "cannot change shape (--overwrite starts afresh)")
         elif holds_run(out) and auto_resume:
             resuming = _continues(out, cfg)
             dist.barrier()  # every process has read the run before the main one clears it
@@ -322,15 +328,6 @@ def sweep_cmd(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = S
         raise typer.Exit(report.EXIT_BUG)
 
 
-def _is_user_error(e: BaseException) -> bool:
-    """Our modules raise ValueError (ConfigError, ModelError, ...) only for user mistakes; one
-    raised inside torch or transformers is a bug to show in full (AMFT_DEBUG=1 shows every one)."""
-    if os.environ.get("AMFT_DEBUG") == "1":
-        return False
-    frames = traceback.extract_tb(e.__traceback__)
-    return isinstance(e, FileNotFoundError) or not frames or "amft_cli" in frames[-1].filename
-
-
 class Interrupted(BaseException):
     """Ctrl-C, or SIGTERM in a single process, outside the training loop's own handler (typer turns a
     KeyboardInterrupt into a silent exit 130, so main's handler raises this instead and says what
@@ -380,7 +377,7 @@ def _main() -> None:
     try:
         run_app(app)
     except (ValueError, FileNotFoundError) as e:
-        if not _is_user_error(e):
+        if not is_user_error(e):
             raise
         if os.environ.get("RANK", "0") != "0":  # one of several processes (torchrun sets RANK): every one
             sys.exit(2)                          # meets the same mistake, the main one says it

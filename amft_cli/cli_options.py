@@ -1,11 +1,14 @@
 """The options several `amft` commands share, the config and run directory they resolve to,
-the --json stdout discipline, and one fix to how typer's help shows flags."""
+the --json stdout discipline, one fix to how typer's help shows flags, and how a mistake
+(typer's own usage errors included) is told from a bug, to be shown as one line."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import typer
@@ -142,3 +145,12 @@ def run_app(app: typer.Typer) -> None:
         raise ConfigError(f"{where}: {' '.join(e.format_message().split())} (see {where} --help)") from None
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Our modules raise ValueError (ConfigError, ModelError, ...) only for user mistakes; one
+    raised inside torch or transformers is a bug to show in full (AMFT_DEBUG=1 shows every one)."""
+    if os.environ.get("AMFT_DEBUG") == "1":
+        return False
+    frames = traceback.extract_tb(e.__traceback__)
+    return isinstance(e, FileNotFoundError) or not frames or "amft_cli" in frames[-1].filename

@@ -194,6 +194,25 @@ def resolve_checkpoint(run_dir: Path, step: int | None = None) -> Path:
     return available[step]
 
 
+TINY_SHAPE = (("model.arch", "model_type"), ("model.hidden_size", "hidden_size"),
+              ("model.num_layers", "num_hidden_layers"), ("model.num_heads", "num_attention_heads"))
+
+
+def shape_differences(run_dir: Path, cfg: Config) -> list[str]:
+    """The tiny-model knobs of cfg that the run's latest checkpoint was not built with (its
+    config.json): a resume cannot change the weights' shape, and would otherwise rebuild the
+    shared base model in the new shape and train the old weights under a config that says otherwise."""
+    saved = checkpoints(run_dir)
+    hf_config = saved[max(saved)] / "config.json" if saved else None
+    if cfg.model.init != "tiny" or hf_config is None or not hf_config.is_file():
+        return []
+    with user_io(hf_config, "reading the checkpoint's model config"):
+        built = json.loads(hf_config.read_text(encoding="utf-8"))
+    wanted = {key: getattr(cfg.model, key.split(".")[1]) for key, _ in TINY_SHAPE}
+    return [f"{key} {wanted[key]} (the checkpoint's: {built[name]})" for key, name in TINY_SHAPE
+            if name in built and built[name] != wanted[key]]
+
+
 def read_config(run_dir: Path) -> Config:
     """The resolved Config the run was started with."""
     path = _require_dir(run_dir) / CONFIG_FILE

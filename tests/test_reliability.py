@@ -201,6 +201,26 @@ def test_resume_without_a_complete_checkpoint_refuses_instead_of_starting_over(a
     assert snapshot(run) == {k: v for k, v in before.items() if not k.startswith("checkpoints")}
 
 
+def test_resume_refuses_a_config_whose_model_has_another_shape(amft, trained, tiny_data, tmp_path):
+    """An edited config.toml (or --set) with another width or depth: refused before anything is
+    prepared, so the shared base model is not rebuilt in that shape and no weights are loaded."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    config = run / "config.toml"
+    config.write_text(config.read_text().replace("hidden_size = 128", "hidden_size = 64"))
+    before, base = snapshot(run), snapshot(tiny_data / "model")
+    one_line_error(amft("train", "--resume", str(run), "--steps", "6", "--plain"),
+                   f"--resume {run}: model.hidden_size 64 (the checkpoint's: 128): the weights cannot change shape")
+    one_line_error(amft("train", "--resume", str(trained), "--steps", "6", "--set", "model.num_layers=2", "--plain"),
+                   "model.num_layers 2 (the checkpoint's: 4)")
+    assert snapshot(run) == before and snapshot(tiny_data / "model") == base
+    # flags that --resume would ignore (the run's own config.toml and folder are what it continues)
+    one_line_error(amft("train", "--resume", str(run), "--preset", "tiny-gp", "--run-dir", str(tmp_path / "x"),
+                        "--overwrite"), "continues that run with its own config.toml: drop --preset, --run-dir, "
+                                        "--overwrite")
+    assert snapshot(run) == before and not (tmp_path / "x").exists()
+
+
 # ---------------------------------------------------------------------------
 # damaged checkpoints: eval and --resume refuse in one line and change nothing
 

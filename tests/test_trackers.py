@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from amft_cli import metrics
-from amft_cli.cli import _is_user_error, resolve_config
+from amft_cli.cli_options import is_user_error, resolve_config
 from amft_cli.metrics import TrackerError, read_metrics
 from amft_cli.train import train
 from amft_runs import tiny_sets, wait_until
@@ -127,7 +127,7 @@ def test_a_tracker_that_is_not_installed_stops_the_start_in_one_line(tmp_path, t
     with pytest.raises(TrackerError) as raised:
         train(cfg, tmp_path / "run", on_message=lambda msg: None)
     assert str(raised.value).startswith("train.report_to: wandb needs the amft_no_such_package package: pip install")
-    assert _is_user_error(raised.value)  # the CLI prints it as one line, exit 2
+    assert is_user_error(raised.value)  # the CLI prints it as one line, exit 2
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # nothing written
 
 
@@ -141,7 +141,7 @@ def test_wandb_that_cannot_start_stops_the_start_in_one_line(tmp_path, tiny_data
         train(cfg, tmp_path / "run", on_message=lambda msg: None)
     message = str(raised.value)
     assert message.startswith("train.report_to: W&B did not start: ") and "WANDB_MODE=offline" in message
-    assert "\n" not in message and _is_user_error(raised.value)
+    assert "\n" not in message and is_user_error(raised.value)
 
 
 def test_report_to_names_only_known_trackers():
