@@ -64,6 +64,7 @@ class RunLock:
         self.run_dir, self.advice = Path(run_dir), advice
         self.key = self.run_dir.absolute()
         self.stale = ""
+        self.created = False  # whether this lock made the folder (then a failed start removes it)
 
     def __enter__(self) -> "RunLock":
         key = self.key = self.run_dir.resolve()
@@ -72,6 +73,7 @@ class RunLock:
             self.stale = _held[key][2]
             return self
         path = self.run_dir / LOCK_FILE
+        self.created = not self.run_dir.exists()
         with user_io(self.run_dir, "creating the run directory and its lock file"):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -100,6 +102,9 @@ class RunLock:
             fd = _held.pop(self.key)[0]
             try:
                 os.ftruncate(fd, 0)  # a clean exit: no holder left behind
+                if self.created and [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
+                    (self.run_dir / LOCK_FILE).unlink()  # a start that failed at once leaves no folder;
+                    self.run_dir.rmdir()                 # unlinked while held, so no one else holds it
             except OSError:
                 pass
             os.close(fd)  # releases the flock

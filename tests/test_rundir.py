@@ -107,3 +107,21 @@ def test_read_eval_orders_id_before_ood_and_rejects_foreign_json(tmp_path):
     assert list(read_eval(run)) == ["aime24", "math500", "arc_c"]
     eval_path(run, "zzz").write_text('{"scores": 1}')
     assert "no 'metrics' object" in one_line_error(read_eval, run)
+
+
+def test_a_start_that_fails_at_once_leaves_no_folder(tmp_path):
+    """A folder the lock made and nothing else wrote to goes with the lock; any other stays."""
+    from amft_cli.rundir import RunLock
+
+    with RunLock(tmp_path / "runs" / "new"):
+        with RunLock(tmp_path / "runs" / "new"):  # re-entrant, as train() inside the CLI's lock
+            pass
+        assert (tmp_path / "runs" / "new" / ".lock").is_file()  # the outer one still holds it
+    assert not (tmp_path / "runs" / "new").exists()
+    with RunLock(tmp_path / "runs" / "used"):
+        (tmp_path / "runs" / "used" / "config.toml").write_text("")
+    assert sorted(p.name for p in (tmp_path / "runs" / "used").iterdir()) == [".lock", "config.toml"]
+    (tmp_path / "mine").mkdir()
+    with RunLock(tmp_path / "mine"):
+        pass
+    assert (tmp_path / "mine").is_dir()  # it was there before: kept
