@@ -118,7 +118,8 @@ def _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwri
 
     if auto_resume and (resume is not None or overwrite):
         raise ConfigError("--auto-resume picks between starting and continuing itself: drop --resume/--overwrite")
-    ignored = [flag for flag, given in (("--preset", preset), ("--run-dir", run_dir), ("--overwrite", overwrite)) if given]
+    other_dir = run_dir is not None and resume is not None and run_dir.resolve() != resume.resolve()
+    ignored = [flag for flag, given in (("--preset", preset), ("--run-dir", other_dir), ("--overwrite", overwrite)) if given]
     if resume is not None and ignored:  # the run's own config.toml and folder are what --resume continues
         raise ConfigError(f"--resume {resume} continues that run with its own config.toml: drop {', '.join(ignored)}")
     if resume is not None and not resume.is_dir():
@@ -131,9 +132,10 @@ def _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwri
             if not (resume / "config.toml").is_file():
                 raise ConfigError(f"--resume {resume}: no config.toml there — is it a run directory?")
             cfg = resolve_config(str(resume / "config.toml"), overrides, seed, algo, steps)
-            if shape_differences(resume, cfg):
-                raise ConfigError(f"--resume {resume}: {'; '.join(shape_differences(resume, cfg))}: the weights "
-                                  "cannot change shape (--overwrite starts afresh)")
+            reshaped = shape_differences(resume, cfg)
+            if reshaped:
+                raise ConfigError(f"--resume {resume}: {'; '.join(reshaped)}: the weights cannot change shape "
+                                  "(--overwrite starts afresh)")
         elif holds_run(out) and auto_resume:
             resuming = _continues(out, cfg)
             dist.barrier()  # every process has read the run before the main one clears it

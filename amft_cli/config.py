@@ -354,10 +354,10 @@ def _count_checks(cfg: Config) -> list:
         ("train.micro_batch_size", t.micro_batch_size), ("train.lr_warmup_steps", t.lr_warmup_steps),
         ("train.eval_limit", t.eval_limit), ("amft.warmup_steps", cfg.amft.warmup_steps),
         ("eval.limit", cfg.eval.limit), ("task.ood_size", cfg.task.ood_size))]
-    for section in ("rl", "eval"):  # sampling: T = 0 would divide the logits by 0; greedy is its own metric
-        t, p = getattr(cfg, section).temperature, getattr(cfg, section).top_p
-        checks += [(t > 0, f"{section}.temperature", f"a float > 0, got {t}"),
-                   (0 < p <= 1, f"{section}.top_p", f"a float in (0, 1], got {p}")]
+    for name in ("rl", "eval"):  # sampling: T = 0 would divide the logits by 0; greedy is its own metric
+        temperature, top_p = getattr(cfg, name).temperature, getattr(cfg, name).top_p
+        checks += [(temperature > 0, f"{name}.temperature", f"a float > 0, got {temperature}"),
+                   (0 < top_p <= 1, f"{name}.top_p", f"a float in (0, 1], got {top_p}")]
     return checks
 
 

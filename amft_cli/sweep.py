@@ -162,10 +162,11 @@ def eval_done(cell: Cell, k: int | None, limit: int | None) -> bool:
 
 
 def train_argv(grid: Grid, cell: Cell, state: str) -> list[str]:
-    base = [sys.executable, "-m", "amft_cli", "train", "--plain", "--run-dir", str(cell.run_dir)]
+    base = [sys.executable, "-m", "amft_cli", "train", "--plain"]
     if state == "resume":
         return base + ["--resume", str(cell.run_dir)]
-    return base + ["--preset", grid.preset, "--overwrite"] + [a for s in cell.overrides for a in ("--set", s)]
+    return base + ["--run-dir", str(cell.run_dir), "--preset", grid.preset, "--overwrite"] + [
+        a for s in cell.overrides for a in ("--set", s)]
 
 
 def eval_argv(grid: Grid, cell: Cell) -> list[str]:

@@ -219,6 +219,8 @@ def test_resume_refuses_a_config_whose_model_has_another_shape(amft, trained, ti
                         "--overwrite"), "continues that run with its own config.toml: drop --preset, --run-dir, "
                                         "--overwrite")
     assert snapshot(run) == before and not (tmp_path / "x").exists()
+    one_line_error(amft("train", "--resume", str(run), "--run-dir", str(run), "--steps", "6", "--set",
+                        "model.num_layers=2"), "model.num_layers 2")  # its own folder again: not refused as ignored
 
 
 # ---------------------------------------------------------------------------

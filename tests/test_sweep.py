@@ -92,7 +92,8 @@ def test_train_state_keeps_resumes_or_starts(tmp_path):
     fake_run(short, [2])
     fake_run(debris, [])
     assert [sweep.train_state(c) for c in (done, short, empty, debris)] == ["done", "resume", "new", "new"]
-    assert "--resume" in sweep.train_argv(grid, short, "resume")
+    resume = sweep.train_argv(grid, short, "resume")
+    assert resume[-2:] == ["--resume", str(short.run_dir)] and "--preset" not in resume  # the run's own config
     fresh = sweep.train_argv(grid, empty, "new")
     assert fresh[fresh.index("--preset") + 1] == "tiny-math" and "--overwrite" in fresh
     assert " ".join(fresh).endswith("--set train.steps=5 --set train.algo=sft --set seed=2")
