@@ -135,7 +135,7 @@ def root(version: bool = typer.Option(False, "--version", callback=_print_versio
 def run_app(app: typer.Typer) -> None:
     """Run the typer app; click's own usage errors (an unknown flag, a value that is not an integer,
     a missing argument) become a ConfigError, one line like every other mistake, instead of
-    typer's boxed usage panel. Exit codes pass through (typer.Exit(3) exits 3)."""
+    typer's boxed usage panel. Ends in SystemExit like typer's own run (typer.Exit(3) exits 3)."""
     try:
         code = app(standalone_mode=False)
     except Exception as e:  # typer 0.29 vendors click (typer._click): its UsageError is known by its exit code 2
@@ -143,8 +143,7 @@ def run_app(app: typer.Typer) -> None:
             raise
         where = e.ctx.command_path if getattr(e, "ctx", None) else "amft"
         raise ConfigError(f"{where}: {' '.join(e.format_message().split())} (see {where} --help)") from None
-    if isinstance(code, int) and code:
-        sys.exit(code)
+    sys.exit(code if isinstance(code, int) else 0)  # as typer's standalone mode ends: main() reads the code
 
 
 def is_user_error(e: BaseException) -> bool:
