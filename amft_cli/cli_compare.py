@@ -64,5 +64,7 @@ def compare_cmd(run_a: Path = typer.Argument(..., help="Run directory (or eval f
             if s.get("only_in_one"):
                 console.print(f"{split}: {s['only_in_one']} problem(s) evaluated by one run only, left out",
                               highlight=False)
+        for line in result["mixed_checkpoints"]:
+            console.print(f"[bold]Not one model[/]: {line}", highlight=False)
         if json_out:
             emit_json({"command": "compare", **result}, stdout)

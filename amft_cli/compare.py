@@ -132,4 +132,13 @@ def compare(path_a: Path, path_b: Path) -> dict:
         raise CompareError(f"{fa} and {fb}: no problem id in common ({', '.join(splits)}): evaluated on different "
                            "test sets")
     splits = dict(sorted(splits.items(), key=lambda kv: bool(kv[1].get("ood"))))  # ID splits first
-    return {"a": str(path_a), "b": str(path_b), "splits": splits}
+    return {"a": str(path_a), "b": str(path_b), "splits": splits, "mixed_checkpoints": _mixed(fa, "A") + _mixed(fb, "B")}
+
+
+def _mixed(folder: Path, name: str) -> list[str]:
+    """A line when one eval folder's splits were scored on different checkpoints (`amft eval --step`
+    rewrites only the splits it evaluates), so its rows are not one model's."""
+    found = {p.name[: -len(".json")]: Path(_eval_record(p).get("checkpoint", "?")).name
+             for p in sorted(folder.glob("*.json"))}
+    return [f"{name}'s splits come from different checkpoints: " + ", ".join(f"{s} {c}" for s, c in found.items())
+            ] if len(set(found.values())) > 1 else []

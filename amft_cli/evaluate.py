@@ -188,17 +188,19 @@ def evaluate_split(task, examples: list[dict], generate_fn: GenerateFn, *, k: in
 
 def batched_generate(sample: Callable[..., list[list[str]]], batch_size: int, seed: int,
                      on_progress: Callable[[int], None] | None = None) -> GenerateFn:
-    """A generate_fn that feeds `sample(prompts, n, greedy, seed)` about batch_size completions at a time.
+    """A generate_fn that feeds `sample(prompts, n, greedy, seed, first_row)` about batch_size
+    completions at a time; first_row numbers the chunk's first completion in the call.
 
-    Chunking here (not only inside the sampler) is what lets the progress bar
-    move; each chunk gets its own seed so chunks do not repeat one random stream.
+    Chunking here (not only inside the sampler) is what lets the progress bar move. Each
+    completion row samples from its own stream (seed, row number: rollout.row_uniforms), so
+    the completions do not depend on batch_size.
     """
     def generate_fn(prompts: list[str], n: int, greedy: bool) -> list[list[str]]:
         per_chunk = max(1, batch_size // n)
         out: list[list[str]] = []
         for start in range(0, len(prompts), per_chunk):
             chunk = prompts[start:start + per_chunk]
-            out += sample(chunk, n, greedy, seed + start)
+            out += sample(chunk, n, greedy, seed, start * n)
             if on_progress is not None:
                 on_progress(len(chunk) * n)
         return out
@@ -284,11 +286,11 @@ def generate_fn_for(model, tokenizer, cfg: Config, settings: dict,
     """A generate_fn over a loaded model with the given eval settings (see eval_settings)."""
     from amft_cli.rollout import sample_texts
 
-    def sample(prompts, n, greedy, chunk_seed):
+    def sample(prompts, n, greedy, seed, first_row):
         return sample_texts(model, tokenizer, prompts, n, greedy=greedy, temperature=settings["temperature"],
                             top_p=settings["top_p"], max_new_tokens=settings["max_new_tokens"],
                             batch_size=settings["batch_size"], chat_template=cfg.model.chat_template,
-                            seed=chunk_seed)
+                            seed=seed, first_row=first_row)
     return batched_generate(sample, settings["batch_size"], settings["seed"], on_progress)
 
 

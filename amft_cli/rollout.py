@@ -338,15 +338,15 @@ def make_backend(cfg: Config, model, tokenizer) -> RolloutBackend:
 
 def sample_texts(model, tokenizer, prompts: list, n: int, *, greedy: bool, temperature: float,
                  top_p: float, max_new_tokens: int, batch_size: int, chat_template: bool,
-                 seed: int) -> list[list[str]]:
+                 seed: int, first_row: int = 0) -> list[list[str]]:
     """Completion texts, n per prompt (for eval). A prompt is a task prompt or a revision
-    Conversation (tasks/revision.py). Seeded, so eval is reproducible."""
+    Conversation (tasks/revision.py). Row first_row + i samples from row_uniforms(seed, ...),
+    so eval is reproducible and does not depend on how the prompts are batched."""
     from amft_cli.encoding import encode_prompt, encode_transcript
 
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
     ids = [encode_transcript(tokenizer, p, chat_template) if isinstance(p, Conversation) else
            encode_prompt(tokenizer, p, chat_template) for p in prompts]
+    uniforms = None if greedy else row_uniforms(seed, first_row, len(ids) * n, max_new_tokens)
     out = generate(model, tokenizer, ids, n, max_new_tokens=max_new_tokens, greedy=greedy,
-                   temperature=temperature, top_p=top_p, batch_size=batch_size, generator=generator)
+                   temperature=temperature, top_p=top_p, batch_size=batch_size, uniforms=uniforms)
     return [out.texts[i * n:(i + 1) * n] for i in range(len(prompts))]

@@ -144,13 +144,17 @@ def train_state(cell: Cell) -> str:
 
 
 def eval_done(cell: Cell, k: int | None, limit: int | None) -> bool:
-    """ID and OOD evaluated on the final checkpoint (written after it) with the requested k and limit,
-    scored by this verifier code (tasks.verifier_version: a fixed parser re-scores old sweeps)."""
+    """ID and OOD evaluated on the final checkpoint (written after it) with the requested k and limit
+    and the cell's other sampling settings (an `amft eval` by hand at another temperature must not
+    enter the table), scored by this verifier code (tasks.verifier_version: a fixed parser
+    re-scores old sweeps)."""
     saved = rundir.checkpoints(cell.run_dir) if cell.run_dir.is_dir() else {}  # not started (a stopped sweep)
     if not saved or not rundir.eval_dir(cell.run_dir).is_dir():
         return False
     final = saved[max(saved)]
-    want = {"k": cell.config.eval.k if k is None else k, "limit": cell.config.eval.limit if limit is None else limit}
+    e = cell.config.eval
+    want = {"k": e.k if k is None else k, "limit": e.limit if limit is None else limit, "temperature": e.temperature,
+            "top_p": e.top_p, "max_new_tokens": e.max_new_tokens, "seed": cell.config.seed, "greedy_only": False}
     fresh, verifier = set(), verifier_version()
     for split, record in rundir.read_eval(cell.run_dir).items():
         if (Path(record.get("checkpoint", "")).name == final.name

@@ -297,6 +297,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_metrics: Callable[[int, 
     evaluates = cfg.train.eval_at_end and (dist.is_main or dist.sharded)  # FSDP: every forward takes all
     if saved is not None:
         summary = restore(run, method, optimizers, saved)
+        summary.pop("after", None)  # an earlier end's score: this end scores again, or says nothing
         done = f"; train.steps is {cfg.train.steps}: nothing left to train" if run.cursors.step >= cfg.train.steps else ""
         on_message(f"resumed from {checkpoint} (step {run.cursors.step}{done})")
     elif evaluates:
@@ -328,9 +329,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_metrics: Callable[[int, 
                 save()
     if not interrupted and evaluates:
         summary["after"] = quick_eval(policy, cfg, run.task)
-    if not interrupted and cfg.train.eval_at_end and dist.is_main:
-        with user_io(run_dir / "summary.json", "writing the run's summary"):
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    path = run_dir / "summary.json"
+    if not interrupted and dist.is_main:  # never an older end's score beside these weights
+        with user_io(path, "writing the run's summary"):
+            path.write_text(json.dumps(summary, indent=2)) if summary else path.unlink(missing_ok=True)
     return TrainResult(run_dir, run.cursors.step, interrupted, summary)
 
 

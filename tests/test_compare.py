@@ -23,7 +23,7 @@ def test_mcnemar_exact_p_values():
 
 
 def write_eval(folder: Path, split: str, greedy: dict, samples: dict, temperature=0.6, metrics=None,
-               task=None) -> None:
+               task=None, checkpoint=None) -> None:
     """<split>.samples.jsonl and <split>.json as `amft eval` writes them (only the fields read)."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = [{"id": i, "mode": "greedy", "sample": 0, "status": "correct" if ok else "wrong"} for i, ok in greedy.items()]
@@ -33,7 +33,8 @@ def write_eval(folder: Path, split: str, greedy: dict, samples: dict, temperatur
     settings = {"temperature": temperature, "top_p": 1.0, "max_new_tokens": 32, "k": 2, "limit": 0, "greedy_only": False}
     (folder / f"{split}.json").write_text(json.dumps({"split": split, "settings": settings, "verifier": "v1",
                                                       "set_size": len(greedy), "metrics": metrics or {},
-                                                      **({"task": task} if task else {})}))
+                                                      **({"task": task} if task else {}),
+                                                      **({"checkpoint": checkpoint} if checkpoint else {})}))
 
 
 def test_each_problem_is_paired_and_the_difference_is_b_minus_a(tmp_path):
@@ -63,6 +64,18 @@ def test_each_problem_is_paired_and_the_difference_is_b_minus_a(tmp_path):
 
     swapped = compare.compare(tmp_path / "B" / "eval", tmp_path / "A" / "eval")["splits"]["test"]["greedy"]
     assert swapped["b_minus_a"]["mean"] == pytest.approx(-0.1) and (swapped["only_a"], swapped["only_b"]) == (4, 3)
+
+
+def test_an_eval_folder_mixing_checkpoints_is_named(tmp_path):
+    """`amft eval --step 4` after an eval of step 5 rewrites only the splits it scores: such a folder's
+    rows are not one model's, and compare says so (for A and B alike)."""
+    for side in "AB":
+        write_eval(tmp_path / side, "test", {"p": True}, {}, checkpoint="runs/x/checkpoints/step-4")
+        write_eval(tmp_path / side, "ood", {"q": True}, {}, metrics={"ood": True},
+                   checkpoint=f"runs/x/checkpoints/step-{4 if side == 'A' else 5}")
+    assert compare.compare(tmp_path / "A", tmp_path / "B")["mixed_checkpoints"] == [
+        "B's splits come from different checkpoints: ood step-5, test step-4"]
+    assert compare.compare(tmp_path / "A", tmp_path / "A")["mixed_checkpoints"] == []
 
 
 def test_route_scored_splits_are_not_paired_and_bad_input_is_named(tmp_path):

@@ -151,14 +151,14 @@ def test_evaluate_split_without_examples_is_an_error():
 def test_batched_generate_chunks_keeps_order_and_reports_progress():
     chunks, progress = [], []
 
-    def sample(prompts, n, greedy, seed):
-        chunks.append((list(prompts), seed))
+    def sample(prompts, n, greedy, seed, first_row):
+        chunks.append((list(prompts), seed, first_row))
         return [[f"{p}#{i}" for i in range(n)] for p in prompts]
 
     generate_fn = batched_generate(sample, batch_size=5, seed=100, on_progress=progress.append)
     out = generate_fn(["a", "b", "c", "d", "e"], 2, False)
     assert [c[0] for c in chunks] == [["a", "b"], ["c", "d"], ["e"]]   # 5 // 2 prompts per chunk
-    assert [c[1] for c in chunks] == [100, 102, 104]
+    assert [c[1:] for c in chunks] == [(100, 0), (100, 4), (100, 8)]  # one seed; rows numbered across chunks
     assert progress == [4, 4, 2]
     assert out == [[f"{p}#0", f"{p}#1"] for p in "abcde"]
 
@@ -226,8 +226,8 @@ def scripted_eval(tmp_path, monkeypatch) -> tuple[Config, Path, list]:
     (ckpt / "config.json").write_text("{}")
     seeds = []
 
-    def sample_texts(model, tokenizer, prompts, n, *, greedy, seed, **kw):
-        seeds.append(seed)
+    def sample_texts(model, tokenizer, prompts, n, *, greedy, seed, first_row, **kw):
+        seeds.append((seed, first_row))
         return [[GREEDY[p]] * n if greedy else SAMPLED[p][:n] for p in prompts]
 
     monkeypatch.setitem(sys.modules, "amft_cli.rollout", types.SimpleNamespace(sample_texts=sample_texts))
@@ -250,7 +250,7 @@ def test_run_eval_writes_metrics_settings_and_samples(tmp_path, monkeypatch):
     assert results["ood"]["ood"] is True and results["ood"]["avg@k"] == pytest.approx((2 / 4 + 0) / 2)
     samples = read_jsonl(tmp_path / "eval" / "test.samples.jsonl")
     assert len(samples) == 3 * 4 + 3 and {"id", "prompt", "completion", "reward", "status"} <= set(samples[0])
-    assert seeds[:2] == [7, 9]  # 8 // 4 = 2 prompts per chunk
+    assert seeds[:2] == [(7, 0), (7, 8)]  # 8 // 4 = 2 prompts of 4 rows per chunk
 
 
 def test_a_second_evaluation_into_the_same_folder_is_refused_in_one_line(tmp_path, monkeypatch):

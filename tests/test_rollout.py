@@ -117,3 +117,24 @@ def test_sampled_tokens_equal_uncached_sampling(tiny, monkeypatch, preallocated)
     assert len({tuple(c) for c in ref}) > 3  # really sampled: the samples of a prompt differ
     for got, want in zip(out.sampler_logprobs, ref_logprobs):  # the sampler's log-probs of its tokens
         assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-5)
+
+
+def test_eval_sampling_does_not_depend_on_batch_size(tiny):
+    """`amft eval --batch-size` changes how completions are batched, not what is sampled: each
+    row draws from its own stream (seed, row number), through evaluate.batched_generate's chunks
+    and the sampler's batches alike. Another seed samples something else."""
+    from amft_cli.evaluate import batched_generate
+
+    model, tok = tiny
+    prompts = [f"{a}+{b}*{c}=" for a, b, c in ((3, 4, 5), (1, 2, 3), (9, 8, 7), (2, 2, 2), (5, 0, 1))]
+
+    def completions(batch_size: int, seed: int = 11) -> list[list[str]]:
+        def sample(chunk, n, greedy, seed, first_row):
+            return rollout.sample_texts(model, tok, chunk, n, greedy=greedy, temperature=1.0, top_p=1.0,
+                                        max_new_tokens=8, batch_size=batch_size, chat_template=False, seed=seed,
+                                        first_row=first_row)
+        return batched_generate(sample, batch_size, seed)(prompts, 3, False)
+
+    whole = completions(64)
+    assert completions(3) == whole and completions(4) == whole  # one prompt a chunk; a group split
+    assert completions(64, seed=12) != whole

@@ -123,11 +123,15 @@ def test_other_methods_knobs_do_not_make_another_config(tmp_path):
         sweep.train_state(lr)
 
 
-def fake_eval(cell, step: int, k: int, limit: int, verifier: str | None = None) -> None:
+def fake_eval(cell, step: int, k: int, limit: int, verifier: str | None = None, **settings) -> None:
+    """eval/<split>.json as `amft eval --run CELL --k K --limit L` writes it (settings: others by hand)."""
     (cell.run_dir / "eval").mkdir(exist_ok=True)
+    e = cell.config.eval
+    settings = {"temperature": e.temperature, "top_p": e.top_p, "max_new_tokens": e.max_new_tokens,
+                "batch_size": e.batch_size, "seed": cell.config.seed, "greedy_only": False, **settings}
     for split, ood in (("test", False), ("ood", True)):
         record = {"split": split, "checkpoint": f"{cell.run_dir}/checkpoints/step-{step}",
-                  "settings": {"k": k, "limit": limit}, "metrics": {"greedy_accuracy": 0.5, "ood": ood},
+                  "settings": {**settings, "k": k, "limit": limit}, "metrics": {"greedy_accuracy": 0.5, "ood": ood},
                   "verifier": verifier or verifier_version()}
         (cell.run_dir / "eval" / f"{split}.json").write_text(json.dumps(record))
 
@@ -138,6 +142,11 @@ def test_an_eval_is_kept_only_on_the_final_checkpoint_with_the_same_settings(tmp
     fake_eval(cell, 5, k=4, limit=0)
     assert sweep.eval_done(cell, None, None)
     assert not sweep.eval_done(cell, 8, None) and not sweep.eval_done(cell, None, 16)
+    for other in ({"temperature": 1.5}, {"top_p": 0.9}, {"max_new_tokens": 12}, {"seed": 3}, {"greedy_only": True}):
+        fake_eval(cell, 5, k=4, limit=0, **other)  # `amft eval` by hand with other sampling: not the table's
+        assert not sweep.eval_done(cell, None, None), other
+    fake_eval(cell, 5, k=4, limit=0, batch_size=8)  # batching does not change what is sampled
+    assert sweep.eval_done(cell, None, None)
     fake_eval(cell, 4, k=4, limit=0)
     assert not sweep.eval_done(cell, None, None)  # an older checkpoint's eval
     fake_eval(cell, 5, k=4, limit=0)

@@ -97,6 +97,23 @@ def test_sft_has_no_rollouts_and_mu_one(tmp_path, data_dir):
     assert summary["before"]["n"] == summary["after"]["n"] == 20
 
 
+def test_summary_holds_no_score_of_an_earlier_end(tmp_path, data_dir):
+    """A resume that ends without its own eval leaves no older 'after' beside the new weights (it did:
+    summary.json said step 2's accuracy after step 4); the 'before' of the first start stays."""
+    quiet = {"on_message": lambda msg: None}
+    sets = small_sets(data_dir) + ["train.save_every=1"]
+    train(resolve_config("tiny-math", sets + ["train.steps=2"], algo="sft"), tmp_path / "run", **quiet)
+    path = tmp_path / "run" / "summary.json"
+    first = json.loads(path.read_text())
+    assert set(first) == {"before", "after"}
+    result = train(resolve_config("tiny-math", sets + ["train.steps=3", "train.eval_at_end=false"], algo="sft"),
+                   tmp_path / "run", resume=True, **quiet)
+    assert result.summary == {"before": first["before"]} == json.loads(path.read_text())
+    train(resolve_config("tiny-math", sets + ["train.steps=4", "train.eval_at_end=false"], algo="sft"),
+          tmp_path / "other", **quiet)
+    assert not (tmp_path / "other" / "summary.json").exists()  # nothing was scored: no file
+
+
 def test_rl_has_no_demonstrations_and_mu_zero(tmp_path, data_dir):
     records = run_algo(tmp_path, data_dir, "rl", REWARD)
     assert all(r["balance/mu"] == 0.0 for r in records)
