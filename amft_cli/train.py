@@ -297,7 +297,6 @@ def _train(cfg: Config, run_dir: Path, resume: bool, on_metrics: Callable[[int, 
     evaluates = cfg.train.eval_at_end and (dist.is_main or dist.sharded)  # FSDP: every forward takes all
     if saved is not None:
         summary = restore(run, method, optimizers, saved)
-        summary.pop("after", None)  # an earlier end's score: this end scores again, or says nothing
         done = f"; train.steps is {cfg.train.steps}: nothing left to train" if run.cursors.step >= cfg.train.steps else ""
         on_message(f"resumed from {checkpoint} (step {run.cursors.step}{done})")
     elif evaluates:
