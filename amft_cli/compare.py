@@ -22,6 +22,7 @@ Reads JSON only; imports no torch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from math import comb
 from pathlib import Path
@@ -97,11 +98,18 @@ def _differences(ra: dict, rb: dict) -> list[str]:
 
 
 def _eval_record(path: Path) -> dict:
-    """<split>.json beside the samples ({} where missing: no settings to compare)."""
+    """<split>.json beside the samples ({} where missing: no settings to compare). One that names
+    other samples (samples_sha256: an evaluation killed between writing the two) is refused."""
     try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except json.JSONDecodeError:
         raise CompareError(f"{path}: not valid JSON (rerun `amft eval`)") from None
+    samples = path.with_name(f"{path.stem}.samples.jsonl")
+    if "samples_sha256" in record and samples.is_file() and \
+            hashlib.sha256(samples.read_bytes()).hexdigest() != record["samples_sha256"]:
+        raise CompareError(f"{samples}: not the samples {path.name} scored (an evaluation cut short?): run "
+                           "`amft eval` again")
+    return record
 
 
 def compare(path_a: Path, path_b: Path) -> dict:

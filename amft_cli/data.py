@@ -26,18 +26,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 from amft_cli.config import Config, ConfigError
-from amft_cli.fsio import user_io
+from amft_cli.fsio import staged_folder, user_io
 from amft_cli.tasks import get_task
 from amft_cli.tasks.base import prompt_text, read_examples, read_jsonl, write_jsonl
 
 RECORD = "prepared.json"
+WRITING = ".preparing"  # present while prepare writes the splits
 DATA_VERSION = 2  # bump when a task's generated examples change (2: GP/V-IRL follow the reference)
 NOT_DATA = ("reward", "data_dir", "verify_iter")  # task knobs that do not change what prepare writes
 MODEL_KNOBS = ("arch", "hidden_size", "num_layers", "num_heads", "pretrain_steps", "pretrain_batch_size",
@@ -69,6 +68,8 @@ def _recorded(folder: Path) -> dict | None:
 def is_stale(cfg: Config) -> bool:
     """The splits in data_dir were built from another [task] section; a folder without the
     record is stale only when it lacks the pretraining mix the config asks for."""
+    if (Path(cfg.task.data_dir) / WRITING).exists():  # a prepare was killed while writing the splits
+        return True
     if not (Path(cfg.task.data_dir) / RECORD).is_file():
         return cfg.task.pretrain_size > 0 and not split_path(cfg, "pretrain").is_file()
     return _recorded(Path(cfg.task.data_dir)) != _task_record(cfg)
@@ -105,10 +106,16 @@ def is_prepared(cfg: Config) -> bool:
 def _write_splits(cfg: Config, task, eval_only: bool, replace: bool, log: Callable[[str], None]) -> dict[str, int]:
     build = getattr(task, "build_eval_splits", task.build_splits) if eval_only else task.build_splits
     splits = build(cfg.task)
+    marker = Path(cfg.task.data_dir, WRITING)  # until the record is written: a kill leaves a stale folder
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    for debris in marker.parent.glob(".*.jsonl.tmp"):  # a killed writer's (tasks.base.write_jsonl)
+        debris.unlink(missing_ok=True)
     for split in task.SPLITS if replace else ():  # no split of an older build may stay behind
         split_path(cfg, split).unlink(missing_ok=True)
     sizes = {split: write_jsonl(split_path(cfg, split), examples) for split, examples in splits.items()}
     Path(cfg.task.data_dir, RECORD).write_text(json.dumps(_task_record(cfg), indent=1) + "\n", encoding="utf-8")
+    marker.unlink()
     log(f"wrote {', '.join(f'{k} {v}' for k, v in sizes.items()) or 'no splits'} examples to {cfg.task.data_dir}/")
     return sizes
 
@@ -146,16 +153,11 @@ def _build_base_model(cfg: Config, task, log: Callable[[str], None],
     from amft_cli.model import build_tiny_model, count_parameters, load_policy
     from amft_cli.pretrain import pretrain_tiny_model
 
-    final = Path(cfg.model.path)
-    with user_io(cfg.model.path, "writing the tiny model"):
-        final.parent.mkdir(parents=True, exist_ok=True)
-        building = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
+    with user_io(cfg.model.path, "writing the tiny model"), staged_folder(Path(cfg.model.path)) as building:
         texts = (prompt_text(ex["prompt"]) + ex["demonstration"]
                  for split in task.SPLITS if split_path(cfg, split).is_file()
                  for ex in read_jsonl(split_path(cfg, split)))
-        with user_io(cfg.model.path, "writing the tiny model"):
-            build_tiny_model(cfg.model, texts, building, seed=BASE_MODEL_SEED)
+        build_tiny_model(cfg.model, texts, building, seed=BASE_MODEL_SEED)
         m = cfg.model
         if m.pretrain_steps > 0:
             mix = load_split(cfg, "pretrain")
@@ -165,15 +167,9 @@ def _build_base_model(cfg: Config, task, log: Callable[[str], None],
                 lambda step, value: on_pretrain_step and on_pretrain_step(step, m.pretrain_steps, value))
             log(f"pre-trained {m.pretrain_steps} steps on {len(mix)} mixed examples in "
                 f"{time.perf_counter() - started:.0f} s (final loss {loss:.3f})")
-        with user_io(cfg.model.path, "writing the tiny model"):
-            (building / RECORD).write_text(json.dumps(_model_record(cfg), indent=1) + "\n", encoding="utf-8")
-            if final.exists():
-                shutil.rmtree(final)
-            building.rename(final)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
+        (building / RECORD).write_text(json.dumps(_model_record(cfg), indent=1) + "\n", encoding="utf-8")
     model, _ = load_policy(cfg.model, trainable=False)
-    log(f"built tiny {cfg.model.arch} model ({count_parameters(model) / 1e6:.2f}M parameters) at {final}/")
+    log(f"built tiny {cfg.model.arch} model ({count_parameters(model) / 1e6:.2f}M parameters) at {cfg.model.path}/")
 
 
 def load_split(cfg: Config, split: str, limit: int = 0) -> list[dict]:

@@ -26,6 +26,7 @@ without a model. Only `run_eval` loads torch, lazily.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections import Counter
@@ -294,6 +295,22 @@ def generate_fn_for(model, tokenizer, cfg: Config, settings: dict,
     return batched_generate(sample, settings["batch_size"], settings["seed"], on_progress)
 
 
+def _write_results(scores_file: Path, samples_file: Path, record: dict, rows: list[dict]) -> None:
+    """Both files written aside, then renamed into place, samples first: a failed write keeps the
+    previous pair. The scores record the samples' sha256 (amft compare checks it), so a kill
+    between the two renames shows as a mismatch, not as old scores beside new samples."""
+    tmp_samples, tmp_scores = (f.with_name(f".{f.name}.new") for f in (samples_file, scores_file))
+    try:
+        write_jsonl(tmp_samples, rows)
+        record = {**record, "samples_sha256": hashlib.sha256(tmp_samples.read_bytes()).hexdigest()}
+        tmp_scores.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp_samples, samples_file)
+        os.replace(tmp_scores, scores_file)
+    finally:
+        tmp_samples.unlink(missing_ok=True)
+        tmp_scores.unlink(missing_ok=True)
+
+
 def run_eval(cfg: Config, model_path: str | Path, out_dir: str | Path, which: str = "id", k: int | None = None,
              temperature: float | None = None, top_p: float | None = None, greedy_only: bool = False,
              max_new_tokens: int | None = None, limit: int | None = None, batch_size: int | None = None,
@@ -338,14 +355,7 @@ def _evaluate_sets(cfg: Config, task, model_path, out_dir: Path, plan: dict, set
                       "settings": {**s, "k": split_k, "greedy_only": greedy_only}, "metrics": metrics,
                       "verifier": verifier_version(), "versions": software}
             with user_io(out_dir, f"writing the {split} results"):
-                scores_file, samples_file = split_files(out_dir, split)
-                write_jsonl(samples_file, rows)  # each through a temp file renamed into place
-                tmp = scores_file.with_name(f".{scores_file.name}.tmp")
-                try:
-                    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-                    os.replace(tmp, scores_file)
-                finally:
-                    tmp.unlink(missing_ok=True)
+                _write_results(*split_files(out_dir, split), record, rows)
             results[split] = metrics
     return results
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -111,7 +112,8 @@ def staged_folder(target: Path):
     new one: never half written."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    _clear_dead_stages(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is an ordinary one
@@ -127,3 +129,28 @@ def staged_folder(target: Path):
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _clear_dead_stages(target: Path) -> None:
+    """What a staged_folder of a process killed with SIGKILL left beside target: its temp folder
+    (.NAME-PID-xxxx) is removed, and an old folder it had moved aside (.NAME.old-PID) goes back
+    to being target if target is missing (killed between its two renames), else is removed.
+    Folders of live processes are theirs."""
+    for path in sorted(target.parent.glob(f".{target.name}*")):
+        match = re.fullmatch(rf"\.{re.escape(target.name)}(?:-(\d+)-\w+|\.old-(\d+))", path.name)
+        if not match or _alive(int(match.group(1) or match.group(2))):
+            continue
+        if match.group(2) and not target.exists():
+            path.rename(target)
+        else:
+            shutil.rmtree(path, ignore_errors=True)

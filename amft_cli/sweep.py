@@ -342,8 +342,16 @@ def run(grid: Grid, jobs: int = 1, live: bool | None = None, console=None) -> tu
     """Run what the grid still needs, then write its tables; (table, outcomes).
 
     Every cell's config is resolved and its folder checked before the first run
-    starts, so a bad --set or a folder of another run stops the sweep at once.
+    starts, so a bad --set or a folder of another run stops the sweep at once. One
+    sweep per folder: a second with the same --name is refused (they would fail each
+    other's cells on their locks and write the tables in turn).
     """
+    with rundir.RunLock(grid.folder, advice="wait for that sweep to end (rerunning it then continues it) or "
+                                            "pick another --name"):
+        return _run(grid, jobs, live, console)
+
+
+def _run(grid: Grid, jobs: int, live: bool | None, console) -> tuple[dict, list[Outcome]]:
     from amft_cli.dashboard import GridProgress
 
     cells = grid.cells()

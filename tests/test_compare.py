@@ -3,6 +3,7 @@ written sample files, then the rows `amft eval` really writes, edited so B solve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -122,7 +123,14 @@ def test_amft_compare_on_what_amft_eval_writes(amft, tiny_data, tmp_path):
     for r in rows:
         if r["mode"] == "greedy" and r["id"] in flipped:
             r["status"] = "correct"
-    (tmp_path / "B" / "test.samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = tmp_path / "B" / "test.samples.jsonl"
+    samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # B's scores name the samples they scored: edited samples (or a kill between writing the two) are refused
+    with pytest.raises(CompareError, match=r"test.samples.jsonl: not the samples test.json scored"):
+        compare.compare(tmp_path / "A", tmp_path / "B")
+    record = json.loads((tmp_path / "B" / "test.json").read_text())
+    record["samples_sha256"] = hashlib.sha256(samples.read_bytes()).hexdigest()  # as if eval had scored them
+    (tmp_path / "B" / "test.json").write_text(json.dumps(record))
 
     result = compare.compare(tmp_path / "A", tmp_path / "B")["splits"]["test"]
     n = len(greedy_ids)

@@ -4,6 +4,7 @@ pretraining of the tiny base model on the task's mix."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -93,3 +94,40 @@ def test_a_folder_without_record_is_kept_unless_it_lacks_the_mix(tmp_path):
     assert not is_stale(gp_cfg(tmp_path, "task.pretrain_size=0"))  # hand-placed data is taken as it is
     assert is_stale(cfg) and not is_prepared(cfg)  # but the mix this config pre-trains on is missing
     assert prepare(cfg, log=lambda m: None)["pretrain"] == 64 and is_prepared(cfg)
+
+
+def test_a_prepare_killed_while_writing_is_redone_in_full(tmp_path):
+    """A kill between split files (SIGKILL, or SIGTERM as a repeat of the command is told to fix it)
+    left a folder that prepare and train took as done, missing val/test/ood: the `.preparing`
+    marker, there until the record is written, makes it stale; a writer's temp files go too."""
+    import subprocess
+    import sys
+
+    from amft_cli.data import WRITING
+    from amft_cli.fsio import staged_folder
+
+    cfg = gp_cfg(tmp_path)
+    prepare(cfg, log=lambda m: None)
+    data = tmp_path / "data"
+    good = {p.name: p.read_bytes() for p in data.glob("*.jsonl")}
+    (data / WRITING).touch()  # as a kill after train.jsonl leaves it
+    for name in ("val.jsonl", "test.jsonl", "ood.jsonl"):
+        (data / name).unlink()
+    (data / ".ood.jsonl.tmp").write_text("half")
+    assert is_stale(cfg) and not is_prepared(cfg)
+    assert prepare(cfg, log=lambda m: None)["ood"] == 8
+    assert {p.name: p.read_bytes() for p in data.glob("*.jsonl")} == good and is_prepared(cfg)
+    assert sorted(p.name for p in data.iterdir() if p.name.startswith(".")) == []
+
+    # the tiny model's (or an export's) staged folder, of a process killed with SIGKILL
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # that process has ended
+    model = data / "model"
+    (data / f".model-{pid}-x1y2").mkdir()  # its half-built temp folder
+    model.rename(data / f".model.old-{pid}")  # killed between moving the old folder aside and the rename
+    (data / f".model-{os.getpid()}-live").mkdir()  # a live process's: left alone
+    with staged_folder(model) as new:
+        (new / "config.json").write_text("{}")
+        assert (data / "model" / "model.safetensors").is_file()  # the old folder is back before the new one moves
+    assert (model / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in data.iterdir() if p.name.startswith(".")) == [f".model-{os.getpid()}-live"]

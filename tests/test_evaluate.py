@@ -3,6 +3,7 @@ file, evaluate_split on a tiny fake task with a deterministic generate, and the
 files run_eval writes (model loading and generation replaced by fakes)."""
 
 import errno
+import hashlib
 import json
 import subprocess
 import sys
@@ -288,7 +289,9 @@ def test_an_eval_write_that_fails_leaves_the_previous_scores_and_no_debris(tmp_p
     with pytest.raises(FileProblem, match="writing the test results: no space left on device"):
         evaluate.run_eval(cfg, ckpt, out, which="id", k=4, progress=False)
     assert (out / "test.json").read_text() == before
-    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "test.json", "test.samples.jsonl"]  # no temp file
+    record = json.loads(before)  # and the samples are still the ones those scores name
+    assert hashlib.sha256((out / "test.samples.jsonl").read_bytes()).hexdigest() == record["samples_sha256"]
 
 
 def test_results_table_formats_percentages_and_k():

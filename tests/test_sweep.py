@@ -69,6 +69,25 @@ def test_sweep_eval_flags_and_name_are_checked_before_anything_is_written(tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_second_sweep_of_the_same_folder_is_refused(tmp_path):
+    """Two sweeps with one --name failed each other's cells (eval locks) and wrote the tables in
+    turn; the second now stops at once in one line naming the first, and touches nothing."""
+    folder = tmp_path / "sweeps" / "s"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom amft_cli.rundir import RunLock\n"
+                               f"with RunLock({str(folder)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        second = subprocess.run([AMFT, "sweep", "--algo", "sft", "--seeds", "0", "--name", "s", "--plain"],
+                                cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+        one_line_error(second, "sweeps/s is in use by another amft process", f"pid {holder.pid}",
+                       "wait for that sweep to end (rerunning it then continues it) or pick another --name")
+        assert sorted(p.name for p in folder.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_cells_carry_algo_and_seed_into_their_config(tmp_path):
     grid = Grid("g", "tiny-gp", ["sft", "amft"], [0, 2], ["train.steps=7"], root=tmp_path)
     cells = grid.cells()
