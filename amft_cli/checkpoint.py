@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from amft_cli.fsio import REASONS, FileProblem, describe, disk_full, disk_note, user_io
+from amft_cli.fsio import REASONS, FileProblem, describe, disk_full, disk_note, files_as_umask, user_io
 
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -96,6 +96,7 @@ def _write(folder: Path, model, tokenizer, trainer_state: dict, weights: dict | 
     model.save_pretrained(folder, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(folder)
     torch.save(trainer_state, folder / STATE_FILE)
+    files_as_umask(folder)
     with open(folder / STATE_FILE, "rb") as f:
         os.fsync(f.fileno())
 

@@ -117,6 +117,7 @@ def staged_folder(target: Path):
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is an ordinary one
+        files_as_umask(tmp)
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         if target.exists():
             target.rename(old)
@@ -154,3 +155,14 @@ def _clear_dead_stages(target: Path) -> None:
             path.rename(target)
         else:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def files_as_umask(folder: Path) -> None:
+    """Give the files in folder the mode a plain open() would (0o666 less the umask): safetensors
+    writes model.safetensors 0600, so a colleague on a shared machine could not read a checkpoint
+    or an export that everything else in the folder lets them read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)

@@ -74,6 +74,21 @@ def test_a_full_run_exports_its_weights_in_the_asked_dtype(runs, tmp_path):
         assert not (out / "trainer_state.pt").exists()
 
 
+def test_checkpoints_and_exports_are_readable_as_the_umask_says(runs, tmp_path):
+    """safetensors writes model.safetensors 0600; on a shared machine a checkpoint or an export is
+    then unreadable to the colleagues who can read every other file of it."""
+    import os
+
+    umask = os.umask(0o027)  # group may read, others not: not a mode anything writes by default
+    try:
+        assert export_cli("--run", str(runs / "full"), "--out", str(tmp_path / "x")).exit_code == 0
+    finally:
+        os.umask(umask)
+    for folder, mode in ((runs / "full" / "checkpoints" / "step-3", 0o666 & ~umask), (tmp_path / "x", 0o640)):
+        modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+        assert modes["model.safetensors"] == mode and set(modes.values()) == {mode}, modes
+
+
 def test_refusals_are_one_line_and_change_nothing(runs, tmp_path, amft):
     out = tmp_path / "taken"
     out.mkdir()
