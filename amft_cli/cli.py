@@ -105,7 +105,13 @@ def prepare(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET
 
     Example: amft prepare --preset tiny-gp
     """
-    prepare_with_progress(resolve_config(preset, overrides, seed), force=force, eval_only=eval_only)
+    from amft_cli.data import needs_prepare, reading
+
+    cfg, built = resolve_config(preset, overrides, seed), []
+    needed = (lambda: not built) if force else (lambda: needs_prepare(cfg, eval_only))
+    with reading(cfg, lambda: built.append(prepare_with_progress(cfg, force=force, eval_only=eval_only)), needed):
+        if not built:
+            console.print(f"{cfg.task.data_dir}/ is current for this config (--force rebuilds it)")
 
 
 @contextlib.contextmanager
@@ -114,7 +120,7 @@ def _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwri
     directory's lock (one writer per run, taken before anything is written). An existing run is
     replaced only with --overwrite, continued with --resume DIR or --auto-resume. Several
     processes (torchrun, accelerate launch): every one checks, the main one locks and writes."""
-    from amft_cli.rundir import RunLock, clear_run, holds_run, shape_differences
+    from amft_cli.rundir import RunLock, clear_run, foreign_files, holds_run, shape_differences
 
     if auto_resume and (resume is not None or overwrite):
         raise ConfigError("--auto-resume picks between starting and continuing itself: drop --resume/--overwrite")
@@ -126,7 +132,11 @@ def _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwri
         raise ConfigError(f"--resume {resume}: no such directory")
     cfg = resolve_config(preset, overrides, seed, algo, steps) if resume is None else None
     out = resume if resume is not None else run_dir or default_run_dir(preset, cfg, algo, seed)
-    dist, resuming = parallel.current(), resume is not None
+    dist, resuming, foreign = parallel.current(), resume is not None, foreign_files(out) if resume is None else []
+    if foreign:  # checked before the lock, which would leave its file among them
+        raise ConfigError(f"{out} holds files that are not a run's ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}): a run would be written among them (and "
+                          f"--overwrite would delete them); pick a new or empty --run-dir")
     with RunLock(out) if dist.is_main else contextlib.nullcontext():
         if resume is not None:
             if not (resume / "config.toml").is_file():
@@ -186,33 +196,41 @@ def train(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET, 
             _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwrite, auto_resume) as (cfg, out,
                                                                                                  resuming):
         # imported only now so that config mistakes are reported without loading torch (~3 s)
-        from amft_cli.dashboard import Dashboard
-        from amft_cli.data import is_prepared
-        from amft_cli.train import train as run_training
+        from amft_cli.data import reading
 
-        dist = parallel.current()
-        if dist.is_main and not is_prepared(cfg):
+        def prepare_first() -> None:
             console.print(f"[dim]data or model for {cfg.task.name} missing or stale: preparing first[/]")
             prepare_with_progress(cfg)
-        dist.barrier()  # the others read what the main process prepared
-        if not dist.is_main:  # the main process reports for all
-            run_training(cfg, out, resume=resuming)
-            return
-        info = {"run": str(out), "preset": cfg.preset, "algo": cfg.train.algo}
-        if dist.count > 1:
-            info["processes"] = dist.count
-        with Dashboard("amft-cli train", info, cfg.train.steps, cfg.train.log_every, live=live) as dash:
-            result = run_training(cfg, out, resume=resuming, on_metrics=dash.update, on_message=dash.message)
-        summary = result.summary
-        if "before" in summary and "after" in summary:
-            b, a = summary["before"], summary["after"]
-            console.print(f"[bold]{a['label']} on {a['n']} unseen ID test examples: "
-                          f"before training {b['value']:.1%} → after {a['value']:.1%}[/]")
-        console.print(f"run directory: {out}  (next: amft eval --run {out} --ood ; amft plot curriculum {out})")
-        if json_out:
-            emit_json(report.train_document(cfg, out, result), stdout)
+
+        dist = parallel.current()  # the main process prepares and reads under the data folder's lock
+        with reading(cfg, prepare_first) if dist.is_main else contextlib.nullcontext():
+            dist.barrier()  # the others read what the main process prepared
+            result = _train_and_report(cfg, out, resuming, live, json_out, stdout)
     if result.interrupted:
         raise typer.Exit(report.EXIT_INTERRUPTED)
+
+
+def _train_and_report(cfg: Config, out: Path, resuming: bool, live: bool | None, json_out: bool, stdout):
+    """`amft train`'s run: the dashboard (or plain lines) on the main process, the before → after line."""
+    from amft_cli.dashboard import Dashboard
+    from amft_cli.train import train as run_training
+
+    if not parallel.current().is_main:  # the main process reports for all
+        return run_training(cfg, out, resume=resuming)
+    info = {"run": str(out), "preset": cfg.preset, "algo": cfg.train.algo}
+    if parallel.current().count > 1:
+        info["processes"] = parallel.current().count
+    with Dashboard("amft-cli train", info, cfg.train.steps, cfg.train.log_every, live=live) as dash:
+        result = run_training(cfg, out, resume=resuming, on_metrics=dash.update, on_message=dash.message)
+    summary = result.summary
+    if "before" in summary and "after" in summary:
+        b, a = summary["before"], summary["after"]
+        console.print(f"[bold]{a['label']} on {a['n']} unseen ID test examples: "
+                      f"before training {b['value']:.1%} → after {a['value']:.1%}[/]")
+    console.print(f"run directory: {out}  (next: amft eval --run {out} --ood ; amft plot curriculum {out})")
+    if json_out:
+        emit_json(report.train_document(cfg, out, result), stdout)
+    return result
 
 
 def _eval_target(run: Path | None, model: Path | None, preset: str | None, overrides: list[str] | None,

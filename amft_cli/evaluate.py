@@ -38,7 +38,7 @@ from rich.table import Table
 
 from amft_cli import provenance
 from amft_cli.config import Config
-from amft_cli.data import load_split, prepare
+from amft_cli.data import load_split, needs_prepare, prepare, reading
 from amft_cli.fsio import user_io
 from amft_cli.rundir import RunLock, split_files
 from amft_cli.tasks import get_task, verifier_version
@@ -324,12 +324,18 @@ def run_eval(cfg: Config, model_path: str | Path, out_dir: str | Path, which: st
     """
     model_path = _check_model_path(model_path)
     task = get_task(cfg.task.name)
-    prepare(cfg, log=log, eval_only=True)  # a no-op when the eval splits are there and current
+    with reading(cfg, lambda: prepare(cfg, log=log, eval_only=True), lambda: needs_prepare(cfg, eval_only=True)):
+        return _evaluate(cfg, task, model_path, out_dir, which, k, greedy_only, progress,
+                         eval_settings(cfg, seed, temperature=temperature, top_p=top_p,
+                                       max_new_tokens=max_new_tokens, limit=limit, batch_size=batch_size))
+
+
+def _evaluate(cfg: Config, task, model_path: Path, out_dir, which: str, k: int | None, greedy_only: bool,
+              progress: bool, s: dict) -> dict[str, dict]:
+    """run_eval's work once the eval splits are current (and held under the data folder's lock)."""
     plan = eval_plan(cfg, which, k, greedy_only)
     if not plan:
         raise EvalError(f"{cfg.task.data_dir}: no {which} eval sets of task {cfg.task.name} found — run `amft prepare`")
-    s = eval_settings(cfg, seed, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                  limit=limit, batch_size=batch_size)
     sets = {split: load_split(cfg, split) for split in plan}
     data = {split: examples[:s["limit"]] if s["limit"] > 0 else examples for split, examples in sets.items()}
     with RunLock(Path(out_dir), advice="wait for that evaluation to end or pass another --out"):

@@ -115,6 +115,18 @@ def holds_run(run_dir: Path) -> bool:
     return (Path(run_dir) / metrics.METRICS_FILE).exists() or (Path(run_dir) / "checkpoints").exists()
 
 
+RUN_FILES = {CONFIG_FILE, metrics.METRICS_FILE, "summary.json", "environment.jsonl", "checkpoints", "eval", "plots",
+             "tensorboard", "wandb", "sweep.log"}  # what training, eval, plot and a sweep write in a run
+
+
+def foreign_files(run_dir: Path) -> list[str]:
+    """Names in run_dir that no amft run writes (hidden ones, temp files included, aside): a start
+    there would mix its files with them, and --overwrite would delete them."""
+    if not Path(run_dir).is_dir():
+        return []
+    return sorted(p.name for p in Path(run_dir).iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
+
+
 def config_differences(run_dir: Path, cfg: Config, ignore: tuple[str, ...] = ()) -> list[str]:
     """The config keys ("train.lr") on which the run saved in run_dir differs from cfg (but those in
     ignore), as the run's method reads its config: the knob sections of the other methods do not

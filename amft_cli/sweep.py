@@ -94,7 +94,15 @@ def parse_algos(text: str) -> list[str]:
     for name in names:
         if name not in methods.names():
             raise SweepError(f"--algo {text!r}: unknown method {name!r} (choices: {', '.join(methods.names())})")
-    return list(dict.fromkeys(names))
+    return _once(names, "--algo", text)
+
+
+def _once(items: list, flag: str, text: str) -> list:
+    """items, refusing a repeat: a sweep runs each cell once, and a typo should not shrink it silently."""
+    repeated = [str(x) for i, x in enumerate(items) if x in items[:i]]
+    if repeated:
+        raise SweepError(f"{flag} {text!r}: {', '.join(dict.fromkeys(repeated))} given twice; give each once")
+    return items
 
 
 def parse_baseline(name: str | None, algos: list[str]) -> str | None:
@@ -123,7 +131,7 @@ def parse_seeds(text: str) -> list[int]:
         raise SweepError(f"--seeds {text!r}: expected integers, e.g. 0,1,2 or 0-2") from None
     if not seeds:
         raise SweepError(f"--seeds {text!r}: expected integers, e.g. 0,1,2 or 0-2")
-    return list(dict.fromkeys(seeds))
+    return _once(seeds, "--seeds", text)
 
 
 # ---------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from amft_cli.checkpoint import load_trainer_state, save_checkpoint
 from amft_cli.cli import resolve_config
 from amft_cli.fsio import FileProblem
 from amft_cli.metrics import read_metrics
+from amft_cli.rundir import foreign_files
 from amft_runs import assert_intact, comparable, flags, one_line_error, same_weights, snapshot, tiny_sets
 
 AMFT = str(Path(sys.executable).parent / "amft")
@@ -183,6 +184,25 @@ def test_a_file_where_a_folder_is_expected(amft, trained, tmp_path):
                    in_the_way)
     one_line_error(amft("prepare", "--set", f"task.data_dir={file}"), str(file), "writing the data splits", in_the_way)
     assert file.read_text() == "mine"
+
+
+def test_a_run_dir_holding_other_files_is_refused(amft, trained, tmp_path):
+    """A run would be written among them and --overwrite would delete them; a run's own folder is
+    fine (its eval/ and plots/ included), and so is an empty one."""
+    mine = tmp_path / "project"
+    shutil.copytree(trained, mine)
+    (mine / "notes.md").write_text("mine")
+    before = snapshot(mine)
+    for extra in ([], ["--overwrite"], ["--auto-resume"]):
+        one_line_error(amft("train", "--run-dir", str(mine), "--steps", "1", *extra),
+                       f"{mine} holds files that are not a run's (notes.md)", "pick a new or empty --run-dir")
+    assert snapshot(mine) == before
+    (mine / "notes.md").unlink()
+    (mine / "empty").mkdir()
+    (mine / "empty" / "plots").mkdir()
+    (mine / "empty" / "sweep.log").write_text("")
+    assert foreign_files(mine) == ["empty"] and foreign_files(mine / "empty") == []
+    assert foreign_files(trained) == []  # what training and eval wrote
 
 
 def test_resume_without_a_complete_checkpoint_refuses_instead_of_starting_over(amft, trained, tmp_path):

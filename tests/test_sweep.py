@@ -35,20 +35,22 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def test_algos_come_from_the_registry():
-    assert sweep.parse_algos("sft, rl,sft") == ["sft", "rl"]
+    assert sweep.parse_algos("sft, rl") == ["sft", "rl"]
     assert sweep.parse_algos("all") == methods.names()
+    with pytest.raises(SweepError, match="'sft, rl,sft': sft given twice"):  # a typo does not shrink the sweep
+        sweep.parse_algos("sft, rl,sft")
     with pytest.raises(SweepError, match="unknown method 'bogus'"):
         sweep.parse_algos("sft,bogus")
 
 
-@pytest.mark.parametrize("text, seeds", [("0,1,2", [0, 1, 2]), ("3-5", [3, 4, 5]), ("7", [7]), ("1,1", [1])])
+@pytest.mark.parametrize("text, seeds", [("0,1,2", [0, 1, 2]), ("3-5", [3, 4, 5]), ("7", [7])])
 def test_parse_seeds(text, seeds):
     assert sweep.parse_seeds(text) == seeds
 
 
-@pytest.mark.parametrize("text", ["", "a,b", "0.5"])
+@pytest.mark.parametrize("text", ["", "a,b", "0.5", "1,1", "0,1,0,1", "2-0"])
 def test_bad_seeds(text):
-    with pytest.raises(SweepError, match="--seeds"):
+    with pytest.raises(SweepError, match="--seeds .*(expected integers|given twice)"):
         sweep.parse_seeds(text)
 
 
