@@ -65,7 +65,7 @@ def aggregate(loss_tokens: torch.Tensor, mask: torch.Tensor, mode: str = "token-
               num_tokens: float | None = None, num_seqs: int | None = None) -> torch.Tensor:
     """Reduce per-token losses (B, T) to a scalar.
 
-    token-mean: every response token weighs the same (DAPO/Dr. GRPO, our default).
+    token-mean: every response token weighs the same (DAPO, our default).
     seq-mean-token-mean: each sequence weighs the same (original GRPO).
     seq-mean-token-sum: sum over tokens, mean over sequences (Dr. GRPO's unnormalised form).
     num_tokens / num_seqs: normalisers of the WHOLE batch when (B, T) is one

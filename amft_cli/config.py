@@ -188,7 +188,9 @@ class AMFTConfig:
                          "still computes both signals (rollouts too), giving the absent one weight 0 in the "
                          "update, so the controller keeps reading entropy and the meta-gradient and μ can "
                          "move off the bound.")
-    eta_meta: float = knob(1e-4, "Meta-gradient step η_meta. Authors: 1e-4.")
+    eta_meta: float = knob(1e-4, "Meta-gradient step η_meta. Authors: 1e-4, for their raw dL/dμ; with the default "
+                           "cosine form (|cos| <= 1) a meta-update moves μ by at most η_meta, so compare "
+                           "balance/sum_delta_meta with balance/sum_delta_entropy to see which term steers μ.")
     eta_entropy: float = knob(5e-4, "Entropy-term step η_H in Δ_H = η_H(H* − H). Authors: 5e-4.")
     meta_every: int = knob(20, "K: meta-gradient update every K steps. Authors: 20.")
     warmup_steps: int = knob(50, "W: pure-SFT steps before the controller starts; H* is measured after them. Authors: 50.")

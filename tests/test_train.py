@@ -172,7 +172,12 @@ def test_amft_warmup_then_learned_mu(tmp_path, data_dir):
     assert all(r["balance/meta_grad"] != 0.0 for r in records if r["balance/meta_update"])
     # rollouts: none in warm-up, then 4 × 4 a step, plus 2 validation prompts × 4 at each meta-update
     assert [r["rollout/total"] for r in records] == [0] * 4 + [24, 40, 56, 80, 96, 112, 136, 152]
+    pushed = {"meta": 0.0, "entropy": 0.0}  # what each term has asked of μ so far (balance/sum_delta_*)
     for r, nxt in zip(mixed, mixed[1:]):
+        pushed["meta"] += cfg.eta_meta * r["balance/meta_grad"] if r["balance/meta_update"] else 0.0
+        pushed["entropy"] += r["balance/entropy_term"]
+        assert r["balance/sum_delta_meta"] == pytest.approx(pushed["meta"], abs=1e-12)
+        assert r["balance/sum_delta_entropy"] == pytest.approx(pushed["entropy"], abs=1e-12)
         assert DESIGN_KEYS <= r.keys() and all(r[k] is not None for k in DESIGN_KEYS)
         assert r["balance/entropy_term"] == pytest.approx(cfg.eta_entropy * (target - r["policy/entropy"]), abs=1e-12)
         delta_meta = cfg.eta_meta * r["balance/meta_grad"] if r["balance/meta_update"] else 0.0

@@ -36,6 +36,8 @@ class ControllerState:
     entropy_target: float | None = None  # H*, measured once at the end of warm-up
     meta_grad: float = 0.0              # last dU/dμ signal
     entropy_term: float = 0.0           # last Δ_H
+    sum_delta_meta: float = 0.0         # Σ η_meta·dU/dμ since warm-up, and Σ Δ_H: what each term has
+    sum_delta_entropy: float = 0.0      # asked of μ (before the clip), so a run shows which one steers it
 
 
 @register("amft")
@@ -102,8 +104,11 @@ def controller_step(cfg: Config, state: ControllerState, step: int, entropy: flo
             metrics.update(meta_step(cfg, state, lookahead, utility(), dot))
             delta_meta = cfg.amft.eta_meta * state.meta_grad
         state.mu = algo.update_mu(state.mu, delta_meta, state.entropy_term, cfg.amft.mu_min, cfg.amft.mu_max)
+        state.sum_delta_meta += delta_meta
+        state.sum_delta_entropy += state.entropy_term
     return {**metrics, "balance/meta_grad": state.meta_grad, "balance/entropy_term": state.entropy_term,
-            "balance/entropy_target": state.entropy_target}
+            "balance/entropy_target": state.entropy_target, "balance/sum_delta_meta": state.sum_delta_meta,
+            "balance/sum_delta_entropy": state.sum_delta_entropy}
 
 
 def meta_step(cfg: Config, state: ControllerState, lookahead: tuple, grad_utility: torch.Tensor,

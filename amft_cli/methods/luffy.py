@@ -16,8 +16,12 @@ tokens is divided by rl.max_new_tokens (or token-mean, [luffy] token_mean); minu
 entropy_coeff × the token-mean entropy of all response tokens.
 Departures:
  1. One optimizer step per rollout batch; the script's 128 prompts in mini-batches of 64 take two.
- 2. The script's entropy bonus is a token mean per micro-batch; here per batch (so micro-batch
-    size does not change the loss).
+ 2. The script's entropy bonus is a token mean per micro-batch, each micro-batch's loss added
+    at full weight (mix_actor.py `update_policy`: gradient_accumulation = mini/micro = 64/64 = 1
+    with dynamic batch sizes), while the policy term is a sum over tokens; relative to that
+    term the bonus there weighs M times ours, M the micro-batches of an optimizer step over all
+    GPUs (at least 8 in the 7B script). Here it is one token mean per batch, so micro-batching
+    does not change the loss, and entropy_coeff 0.001 is that much weaker than the script's.
  3. The demonstration is kept whole even when it is longer than rl.max_new_tokens (LUFFY's
     data was filtered so that it fits).
 """

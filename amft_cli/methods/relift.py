@@ -19,6 +19,11 @@ Departures:
     rl.scale_adv_by_std = false for the no-std part.
  2. The buffered SFT update is one step on sft_data_size demonstrations (the script's
     sft_mini_batch_size equals sft_data_size: one step there too).
+ 3. That step's loss is one token mean over all its demonstrations, clipped at sft_grad_clip.
+    ReLIFT's actor.py `sft_update_policy` takes a token mean per micro-batch (4 rows in the 7B
+    script), divides by the accumulation count and, as each GPU holds a share of the rows,
+    ends about 1/world_size of a mean of micro-batch means: its clip of 1.0 acts on a gradient
+    ~8× smaller than ours, so it bites less often there, and long demonstrations weigh less.
 """
 
 from __future__ import annotations

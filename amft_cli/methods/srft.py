@@ -20,9 +20,11 @@ What was uncertain, and the reading taken:
     is each token's own entropy (per-token weights, which also keep micro-batches exact).
  3. Eq. 12 has no advantage on self-generated rows (it decomposes REINFORCE with rewards
     ±1); implemented literally, whatever the task's reward scale.
- 4. The sum of eq. 13 becomes μ = 0.5 in the engine's μ·L_SFT + (1−μ)·L_RL: the same AdamW
-    step up to ε with one shared optimizer (the paper's setting); with train.rl_lr > 0 each
-    signal's step is halved. The two RL terms are one token-mean over the augmented batch.
+ 4. The sum of eq. 13 becomes μ = 0.5 in the engine's μ·L_SFT + (1−μ)·L_RL: with one shared
+    optimizer (the paper's setting) and no clipping, the same AdamW step up to ε. With
+    train.grad_clip c it is the summed loss clipped at 2c (0.5·g clipped at c = 0.5 × g
+    clipped at 2c); with train.rl_lr > 0 each signal's step is halved. The two RL terms are
+    one token-mean over the augmented batch.
 """
 
 from __future__ import annotations
