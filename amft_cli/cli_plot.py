@@ -33,7 +33,8 @@ FMT = typer.Option("png", "--format", help="png | svg | pdf.")
 def plot_curriculum(run: Optional[Path] = typer.Argument(None, help="Run directory (default: the most recently "
                                                                    "trained under runs/)."),
                     out: Optional[Path] = out_option("RUN/plots/curriculum.<format>"), fmt: str = FMT):
-    """μ, reward/accuracy and entropy vs step; warm-up shaded, meta-updates marked, H* drawn.
+    """μ, reward/accuracy and entropy vs step; warm-up shaded, meta-updates marked, H* drawn, and
+    where each controller term alone would take μ (dotted).
 
     Example: amft plot curriculum runs/tiny-math --format svg
     """

@@ -130,14 +130,31 @@ def _mu_panel(ax: Axes, records: list[dict]) -> None:
     if updates:
         ax.plot(updates, [at_step[s] for s in updates], linestyle="none", marker="v",
                 color="tab:red", markersize=6, label="meta-gradient update")
+    alone = _each_term_alone(ax, records)
     warm = {r["step"] for r in records if r.get("balance/warmup")}
-    lo, hi = mu_limits([m for s, m in zip(steps, mu) if s not in warm] or mu)
+    lo, hi = mu_limits([m for s, m in zip(steps, mu) if s not in warm] + alone or mu)
     ax.set_ylim(lo, hi)
     hidden = sorted({m for s, m in zip(steps, mu) if s in warm and not lo <= m <= hi})
     if hidden:
         ax.text(0.01, 0.95, f"warm-up: μ = {', '.join(f'{m:g}' for m in hidden)} (off this scale)",
                 transform=ax.transAxes, va="top", fontsize=8, color="tab:blue")
     ax.set_ylabel("μ")
+
+
+def _each_term_alone(ax: Axes, records: list[dict]) -> list[float]:
+    """Where μ would be had one controller term acted alone (μ at the first mixed step plus its
+    balance/sum_delta_*, before the clip), dotted: shows which term steers μ. Returns the values."""
+    mixed = [r for r in records if not r.get("balance/warmup") and "balance/sum_delta_meta" in r]
+    if not mixed:
+        return []
+    start, values = mixed[0]["balance/mu"], []
+    steps = [mixed[0]["step"]] + [r["step"] + 1 for r in mixed]  # a row's sums include its own update
+    for key, color, what in (("balance/sum_delta_meta", "tab:red", "meta-gradient"),
+                             ("balance/sum_delta_entropy", "tab:purple", "entropy term")):
+        line = [start] + [start + r[key] for r in mixed]
+        ax.plot(steps, line, color=color, linestyle=":", linewidth=1.3, label=f"μ₀ + {what} alone")
+        values += line
+    return values
 
 
 def _entropy_panel(ax: Axes, records: list[dict]) -> None:

@@ -21,7 +21,7 @@ def mu_at(step):
     return 1.0 if step <= WARMUP else round(0.8 - 0.01 * (step - WARMUP), 4)
 
 
-def make_run(root, name, algo="amft", seed=1, rewards=True):
+def make_run(root, name, algo="amft", seed=1, rewards=True, sums=False):
     """A run folder as `amft train` leaves it: config.toml and metrics.jsonl (last line cut off)."""
     run = root / name
     run.mkdir(parents=True)
@@ -35,6 +35,9 @@ def make_run(root, name, algo="amft", seed=1, rewards=True):
                "balance/entropy_target": None if step < WARMUP else 1.5,
                **({"balance/warmup": float(step <= WARMUP)} if algo == "amft" else {}),
                "policy/entropy": 2.0 - 0.05 * step + (0.1 if step % 2 else 0.0)}
+        if sums:  # what each controller term has asked of μ (0 in the warm-up)
+            rec["balance/sum_delta_meta"] = -0.02 * max(0, step - WARMUP)
+            rec["balance/sum_delta_entropy"] = 0.003 * max(0, step - WARMUP)
         if rewards and step > WARMUP:  # no rollouts during warm-up
             rec["reward/mean"] = (-1.0) ** step * 0.5 + 0.1 * step
             rec["reward/accuracy"] = min(1.0, 0.04 * step)
@@ -83,6 +86,20 @@ def test_curriculum_series_equal_the_metrics_file(tmp_path):
         assert len(spans) == 1
     assert "amft (seed 3)" in fig.get_suptitle()
     assert fig.axes[-1].get_xlabel() == "step"
+
+
+def test_curriculum_shows_where_each_controller_term_alone_would_take_mu(tmp_path):
+    """μ at the first mixed step plus balance/sum_delta_*, a row's sums drawn one step on (they
+    include that row's update, so they pair with the next row's μ); the axis makes room for them."""
+    mu_ax = curriculum_figure(make_run(tmp_path, "r", sums=True)).axes[0]
+    lines, first = by_label(mu_ax), WARMUP + 1
+    steps = [first] + list(range(first + 1, 22))
+    assert data(lines["μ₀ + meta-gradient alone"]) == (
+        steps, pytest.approx([mu_at(first)] + [mu_at(first) - 0.02 * (s - WARMUP) for s in range(first, 21)]))
+    assert data(lines["μ₀ + entropy term alone"])[1] == pytest.approx(
+        [mu_at(first)] + [mu_at(first) + 0.003 * (s - WARMUP) for s in range(first, 21)])
+    assert mu_ax.get_ylim()[0] <= mu_at(first) - 0.02 * 15 and mu_ax.get_ylim()[1] >= mu_at(first) + 0.003 * 15
+    assert "μ₀ + meta-gradient alone" not in by_label(curriculum_figure(make_run(tmp_path, "old")).axes[0])
 
 
 @pytest.mark.parametrize("values, limits", [([0.8, 0.83], (0.78, 0.85)), ([0.8], (0.77, 0.83)),
