@@ -38,6 +38,7 @@ import fcntl
 import json
 import os
 import random
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -156,11 +157,20 @@ def _shared_lock(folder: Path, create: bool) -> int | None:
         except OSError:
             return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        _wait_shared(fd, folder)
     except OSError:
         os.close(fd)
         return None
     return fd
+
+
+def _wait_shared(fd: int, folder: Path) -> None:
+    """The shared lock, saying so on stderr when another process holds the folder to prepare it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"waiting for another amft process to finish preparing {folder}/ ...", file=sys.stderr, flush=True)
+        fcntl.flock(fd, fcntl.LOCK_SH)
 
 
 def _prepare_alone(cfg: Config, fd: int, build: Callable[[], object], needed: Callable[[], bool]) -> None:
@@ -180,7 +190,7 @@ def _prepare_alone(cfg: Config, fd: int, build: Callable[[], object], needed: Ca
                     f"end, or give this config its own folder (--set task.data_dir=..., and model.path for a "
                     f"tiny model)") from None
             time.sleep(random.uniform(0.05, 0.25))
-            fcntl.flock(fd, fcntl.LOCK_SH)  # waits while another process prepares
+            _wait_shared(fd, Path(cfg.task.data_dir))  # waits while another process prepares
             continue
         try:
             if needed():
@@ -197,7 +207,7 @@ def reading(cfg: Config, build: Callable[[], object] | None = None, needed: Call
     key = Path(cfg.task.data_dir).resolve()
     if key not in _held:
         created = build is not None and not key.exists()  # a failed first prepare then leaves no folder
-        _held[key] = [_shared_lock(key, create=build is not None), 0, created]
+        _held[key] = [_shared_lock(Path(cfg.task.data_dir), create=build is not None), 0, created]
     _held[key][1] += 1
     try:
         if build is not None:

@@ -5,6 +5,8 @@ prepare it once."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 
 from amft_cli.cli import resolve_config
@@ -77,3 +79,19 @@ def test_a_start_that_gets_the_folder_after_another_prepared_it_does_not_build_a
     with reading(cfg, lambda: built.append(1), lambda: not built):  # still needed under the lock: built once
         pass
     assert built == [1]
+
+
+def test_a_start_waits_while_another_process_prepares_and_says_so(amft, tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    fd = os.open(data / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a preparing process holds it
+    try:
+        run = amft.start("prepare", *flags(tiny_sets(data)))
+        assert wait_until(lambda: "waiting for another amft process" in run.err.read_text(), run, timeout=60)
+        assert run.running()
+    finally:
+        os.close(fd)
+    result = run.wait()
+    assert result.returncode == 0 and "is current" in result.stdout, result.stderr
+    assert result.stderr.strip() == f"waiting for another amft process to finish preparing {data}/ ..."
