@@ -105,11 +105,16 @@ def prepare(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET
 
     Example: amft prepare --preset tiny-gp
     """
-    from amft_cli.data import needs_prepare, reading
+    from amft_cli.data import stale_parts
+    from amft_cli.datalock import reading
 
     cfg, built = resolve_config(preset, overrides, seed), []
-    needed = (lambda: not built) if force else (lambda: needs_prepare(cfg, eval_only))
-    with reading(cfg, lambda: built.append(prepare_with_progress(cfg, force=force, eval_only=eval_only)), needed):
+
+    def parts() -> list[str]:  # what is left to build: with --force everything, once
+        return [] if built else stale_parts(cfg, eval_only, force)
+
+    with reading(cfg, lambda: built.append(prepare_with_progress(cfg, force=force, eval_only=eval_only)), parts,
+                 forcing=force):
         if not built:
             console.print(f"{cfg.task.data_dir}/ is current for this config (--force rebuilds it)")
 
@@ -132,11 +137,12 @@ def _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwri
         raise ConfigError(f"--resume {resume}: no such directory")
     cfg = resolve_config(preset, overrides, seed, algo, steps) if resume is None else None
     out = resume if resume is not None else run_dir or default_run_dir(preset, cfg, algo, seed)
-    dist, resuming, foreign = parallel.current(), resume is not None, foreign_files(out) if resume is None else []
+    dist, resuming = parallel.current(), resume is not None
+    foreign = foreign_files(out) if not (resuming or auto_resume or overwrite) else []  # a scheduler's log: fine
     if foreign:  # checked before the lock, which would leave its file among them
         raise ConfigError(f"{out} holds files that are not a run's ({', '.join(foreign[:3])}"
-                          f"{', ...' if len(foreign) > 3 else ''}): a run would be written among them (and "
-                          f"--overwrite would delete them); pick a new or empty --run-dir")
+                          f"{', ...' if len(foreign) > 3 else ''}): pick a new or empty --run-dir, or pass "
+                          f"--overwrite to train there anyway (files that are not a run's are kept)")
     with RunLock(out) if dist.is_main else contextlib.nullcontext():
         if resume is not None:
             if not (resume / "config.toml").is_file():
@@ -182,7 +188,8 @@ def train(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET, 
           steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (train.steps)."),
           run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/<preset>[-<algo>][-s<seed>])."),
           resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
-          overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in the run directory."),
+          overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in the run directory "
+                                         "(other files there are kept)."),
           auto_resume: bool = typer.Option(False, "--auto-resume", help="Continue the run in the run directory if "
                                            "it is this config's, else start it: one command for a job's first start "
                                            "and its restarts (a requeued Slurm job)."),
@@ -196,7 +203,7 @@ def train(preset: Optional[str] = PRESET, overrides: Optional[List[str]] = SET, 
             _train_target(preset, overrides, seed, algo, steps, run_dir, resume, overwrite, auto_resume) as (cfg, out,
                                                                                                  resuming):
         # imported only now so that config mistakes are reported without loading torch (~3 s)
-        from amft_cli.data import reading
+        from amft_cli.datalock import reading
 
         def prepare_first() -> None:
             console.print(f"[dim]data or model for {cfg.task.name} missing or stale: preparing first[/]")

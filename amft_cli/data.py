@@ -21,26 +21,14 @@ pretraining knobs the same way. The base model is built and pre-trained with
 BASE_MODEL_SEED, not the run's seed: every `--seed` fine-tunes the same base,
 as every seed of a paper fine-tunes one pretrained LLM.
 
-One writer, many readers (`reading`): a process that reads a data folder (train
-for its whole run, eval) holds a shared flock(2) on <task.data_dir>/.lock, and
-preparing takes it exclusively. A config that needs the folder rebuilt while
-another process reads it is refused in one line naming the keys that differ;
-without this, `amft prepare --set task.test_size=50` beside a running train
-replaced its test split, and the run's end-of-training score came from 50
-problems while its start's came from 500 (seen once, 2026-11-28). Two starts
-that both find the folder missing: one prepares, the other waits and reads.
+Who may rebuild a folder while another process reads it: datalock.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
-import os
-import random
-import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -56,9 +44,6 @@ NOT_DATA = ("reward", "data_dir", "verify_iter")  # task knobs that do not chang
 MODEL_KNOBS = ("arch", "hidden_size", "num_layers", "num_heads", "pretrain_steps", "pretrain_batch_size",
                "pretrain_lr")
 BASE_MODEL_SEED = 0
-LOCK_FILE = ".lock"
-REFUSE_AFTER_S = 2.0  # how long a start needing a rebuild retries while others read the folder
-_held: dict[Path, list] = {}  # data folder -> [fd or None, depth, created]: `reading` is re-entrant in a process
 
 
 def split_path(cfg: Config, split: str) -> Path:
@@ -120,116 +105,33 @@ def is_prepared(cfg: Config) -> bool:
     return data_ok and (not _fetches_model(cfg) or has_model(cfg.model.local_copy))
 
 
-def needs_prepare(cfg: Config, eval_only: bool = False) -> bool:
-    """What `prepare` (without force) would build: the splits, the model's local copy, the tiny model."""
+def stale_parts(cfg: Config, eval_only: bool = False, force: bool = False) -> list[str]:
+    """What `prepare` would (re)build, as prepare decides it: "data" (the splits, or a hub model's
+    local copy) and "model" (the tiny model)."""
     from amft_cli.pretrained import has_model
 
-    if eval_only:
-        missing = not _eval_splits_present(cfg, get_task(cfg.task.name))
-        return missing or is_stale(cfg) or (_fetches_model(cfg) and not has_model(cfg.model.local_copy))
-    return not is_prepared(cfg)
+    task = get_task(cfg.task.name)
+    present = _eval_splits_present(cfg, task) if eval_only else split_path(cfg, "train").is_file()
+    fetch = _fetches_model(cfg) and not has_model(cfg.model.local_copy)
+    parts = ["data"] if force or is_stale(cfg) or not present or fetch else []
+    if not eval_only and cfg.model.init == "tiny" and (force or not _model_ok(cfg)):
+        parts.append("model")
+    return parts
 
 
-def differences(cfg: Config) -> list[str]:
-    """What in the folder was built from another config than cfg: `key <folder's> there, <cfg's> here`."""
+def differences(cfg: Config, part: str) -> list[str]:
+    """How what built a part ("data", "model") differs from cfg: `key <there> there, <cfg's> here`."""
     def diff(section: str, recorded: dict | None, wanted: dict) -> list[str]:
-        recorded = recorded or {}
-        return [f"{section}.{k} {recorded.get(k)!r} there, {v!r} here" for k, v in wanted.items()
-                if recorded.get(k) != v]
+        return [f"{section}.{k} {(recorded or {}).get(k)!r} there, {v!r} here" for k, v in wanted.items()
+                if (recorded or {}).get(k) != v]
 
-    data = _recorded(Path(cfg.task.data_dir))
-    found = diff("task", data, _task_record(cfg)) if data is not None else []
-    if cfg.model.init == "tiny" and _recorded(Path(cfg.model.path)) is not None:
-        found += diff("model", (_recorded(Path(cfg.model.path)) or {}).get("model"), _model_record(cfg)["model"])
-    return found
-
-
-def _shared_lock(folder: Path, create: bool) -> int | None:
-    """An open file in folder holding a shared flock (waiting while another process prepares); None
-    where no lock can be had (no folder and create false, a read-only copy, no locks on the file system)."""
-    try:
-        if create:
-            folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        try:
-            fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
-        except OSError:
-            return None
-    try:
-        _wait_shared(fd, folder)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _wait_shared(fd: int, folder: Path) -> None:
-    """The shared lock, saying so on stderr when another process holds the folder to prepare it."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print(f"waiting for another amft process to finish preparing {folder}/ ...", file=sys.stderr, flush=True)
-        fcntl.flock(fd, fcntl.LOCK_SH)
-
-
-def _prepare_alone(cfg: Config, fd: int, build: Callable[[], object], needed: Callable[[], bool]) -> None:
-    """Run build under the exclusive lock while needed() holds; the shared lock is held on return.
-    Between tries nothing is held, so two starts that both need the folder cannot block each other."""
-    deadline = time.monotonic() + REFUSE_AFTER_S
-    while needed():
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                found = differences(cfg)
-                raise ConfigError(
-                    f"{cfg.task.data_dir}: in use by another amft process (train or eval) and would have to be "
-                    f"rebuilt for this config ({'; '.join(found) or 'files it lacks'}); wait for that process to "
-                    f"end, or give this config its own folder (--set task.data_dir=..., and model.path for a "
-                    f"tiny model)") from None
-            time.sleep(random.uniform(0.05, 0.25))
-            _wait_shared(fd, Path(cfg.task.data_dir))  # waits while another process prepares
-            continue
-        try:
-            if needed():
-                build()
-            return
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-
-
-@contextmanager
-def reading(cfg: Config, build: Callable[[], object] | None = None, needed: Callable[[], bool] | None = None):
-    """Hold a shared lock on task.data_dir for the with-body; first, while needed() (default: the
-    folder is not prepared for cfg), run build() under the exclusive lock. See the module docstring."""
-    key = Path(cfg.task.data_dir).resolve()
-    if key not in _held:
-        created = build is not None and not key.exists()  # a failed first prepare then leaves no folder
-        _held[key] = [_shared_lock(Path(cfg.task.data_dir), create=build is not None), 0, created]
-    _held[key][1] += 1
-    try:
-        if build is not None:
-            needed = needed or (lambda: not is_prepared(cfg))
-            if _held[key][0] is None:
-                if needed():
-                    build()
-            else:
-                _prepare_alone(cfg, _held[key][0], build, needed)
-        yield
-    finally:
-        _held[key][1] -= 1
-        if _held[key][1] == 0:
-            fd, _, created = _held.pop(key)
-            try:
-                if created and [p.name for p in key.iterdir()] == [LOCK_FILE]:
-                    (key / LOCK_FILE).unlink()
-                    key.rmdir()
-            except OSError:
-                pass
-            if fd is not None:
-                os.close(fd)  # releases the lock
+    if part == "data":
+        recorded = _recorded(Path(cfg.task.data_dir))
+        return diff("task", recorded, _task_record(cfg)) if recorded is not None else []
+    recorded, wanted = _recorded(Path(cfg.model.path)), _model_record(cfg)
+    if recorded is None:
+        return []
+    return diff("model", recorded.get("model"), wanted["model"]) + diff("task", recorded.get("data"), wanted["data"])
 
 
 def _write_splits(cfg: Config, task, eval_only: bool, replace: bool, log: Callable[[str], None]) -> dict[str, int]:

@@ -38,7 +38,8 @@ from rich.table import Table
 
 from amft_cli import provenance
 from amft_cli.config import Config
-from amft_cli.data import load_split, needs_prepare, prepare, reading
+from amft_cli.data import load_split, prepare, stale_parts
+from amft_cli.datalock import reading
 from amft_cli.fsio import user_io
 from amft_cli.rundir import RunLock, split_files
 from amft_cli.tasks import get_task, verifier_version
@@ -324,7 +325,7 @@ def run_eval(cfg: Config, model_path: str | Path, out_dir: str | Path, which: st
     """
     model_path = _check_model_path(model_path)
     task = get_task(cfg.task.name)
-    with reading(cfg, lambda: prepare(cfg, log=log, eval_only=True), lambda: needs_prepare(cfg, eval_only=True)):
+    with reading(cfg, lambda: prepare(cfg, log=log, eval_only=True), lambda: stale_parts(cfg, eval_only=True)):
         return _evaluate(cfg, task, model_path, out_dir, which, k, greedy_only, progress,
                          eval_settings(cfg, seed, temperature=temperature, top_p=top_p,
                                        max_new_tokens=max_new_tokens, limit=limit, batch_size=batch_size))

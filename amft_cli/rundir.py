@@ -120,8 +120,8 @@ RUN_FILES = {CONFIG_FILE, metrics.METRICS_FILE, "summary.json", "environment.jso
 
 
 def foreign_files(run_dir: Path) -> list[str]:
-    """Names in run_dir that no amft run writes (hidden ones, temp files included, aside): a start
-    there would mix its files with them, and --overwrite would delete them."""
+    """Names in run_dir that no amft run writes (hidden ones aside): a fresh start there would mix
+    its files with them (a project folder given as --run-dir), so it needs --overwrite."""
     if not Path(run_dir).is_dir():
         return []
     return sorted(p.name for p in Path(run_dir).iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
@@ -150,10 +150,11 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def clear_run(run_dir: Path) -> None:
-    """Delete everything in run_dir but the lock (call it holding the lock: --overwrite)."""
+    """Delete what a run wrote in run_dir (call it holding the lock: --overwrite): RUN_FILES and a
+    killed truncation's temp file. The lock and every other file (a scheduler's log, notes) stay."""
     with user_io(run_dir, "deleting the earlier run (--overwrite)"):
         for child in Path(run_dir).iterdir():
-            if child.name == LOCK_FILE:
+            if child.name not in RUN_FILES and not re.fullmatch(r"\.metrics-.*\.tmp", child.name):
                 continue
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)

@@ -34,7 +34,8 @@ from amft_cli.checkpoint import (load_trainer_state, restore_rng, resume_checkpo
                                  save_checkpoint)
 from amft_cli.config import Config, ConfigError
 from amft_cli.config_io import to_dict, to_toml
-from amft_cli.data import load_split, reading
+from amft_cli.data import load_split
+from amft_cli.datalock import reading
 from amft_cli.fsio import user_io
 from amft_cli.methods.base import Method
 from amft_cli.metrics import MetricSink, check_trackers
@@ -269,7 +270,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False,
           on_message: Callable[[str], None] = print) -> TrainResult:
     """Run (or resume) training into run_dir. Returns when done or after a Ctrl-C checkpoint.
     The main process holds run_dir's lock throughout: a second writer is refused (rundir.RunLock);
-    every process reads the data folder under its shared lock (data.reading: no rebuild beneath it)."""
+    every process reads the data folder under its shared lock (datalock.reading: no rebuild beneath it)."""
     if not parallel.current().is_main:  # the main process writes (and locks) the run directory
         with reading(cfg):
             return _train(cfg, Path(run_dir), resume, on_metrics, on_message)

@@ -129,9 +129,9 @@ def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file but the lock (which a clean exit empties)."""
+    """relative path -> sha256 of every file but the locks (.lock, .NAME.lock: a clean exit empties them)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+            for p in sorted(folder.rglob("*")) if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".lock"))}
 
 
 def assert_intact(run: Path) -> None:

@@ -10,7 +10,8 @@ import os
 import shutil
 
 from amft_cli.cli import resolve_config
-from amft_cli.data import reading, split_path
+from amft_cli.data import split_path
+from amft_cli.datalock import reading
 from amft_cli.tasks.base import read_jsonl
 from amft_cli.train import train
 from amft_runs import SECOND_LONG_STEPS, flags, one_line_error, snapshot, tiny_sets, wait_until
@@ -30,8 +31,14 @@ def test_a_folder_a_run_reads_is_not_rebuilt_under_it(amft, tiny_data, tmp_path)
     one_line_error(amft("train", "--steps", "1", "--run-dir", str(tmp_path / "other"), *other), REFUSED)
     one_line_error(amft("eval", "--model", str(data / "model"), "--preset", "tiny-math", "--limit", "1",
                         "--out", str(tmp_path / "eval"), *other), REFUSED, "task.test_size")
+    one_line_error(amft("prepare", "--force", *flags(sets)), REFUSED, "(amft prepare --force rebuilds it)")
     same = amft("prepare", *flags(sets))  # the run's own config: nothing to rebuild, read beside it
     assert same.returncode == 0 and "is current" in same.stdout, same.stderr
+    # the run's tiny model is locked too, wherever the data of the config that would rebuild it lives
+    one_line_error(amft("prepare", *flags(sets + [f"task.data_dir={tmp_path / 'c'}", "model.hidden_size=16"])),
+                   f"{data / 'model'}: {REFUSED}", "model.hidden_size 128 there, 16 here", "--set model.path=")
+    own = amft("prepare", *flags(sets + [f"model.path={tmp_path / 'm16'}", "model.hidden_size=16"]))
+    assert own.returncode == 0 and "built tiny" in own.stdout, own.stderr  # its own model folder: beside the run
     assert snapshot(data) == before and run.running()
     assert not (tmp_path / "other").exists()
     run.process.kill()  # the kernel drops a killed reader's lock
@@ -72,11 +79,11 @@ def test_a_start_that_gets_the_folder_after_another_prepared_it_does_not_build_a
     """`needed` is asked again once the exclusive lock is held: another start may have prepared the
     folder between this one's look and its lock."""
     cfg = resolve_config("tiny-math", tiny_sets(tiny_data))
-    answers, built = iter([True, False]), []
+    answers, built = iter([["data"], []]), []
     with reading(cfg, lambda: built.append(1), lambda: next(answers)):
         pass
     assert built == []
-    with reading(cfg, lambda: built.append(1), lambda: not built):  # still needed under the lock: built once
+    with reading(cfg, lambda: built.append(1), lambda: [] if built else ["data"]):  # still needed: built once
         pass
     assert built == [1]
 

@@ -186,23 +186,34 @@ def test_a_file_where_a_folder_is_expected(amft, trained, tmp_path):
     assert file.read_text() == "mine"
 
 
-def test_a_run_dir_holding_other_files_is_refused(amft, trained, tmp_path):
-    """A run would be written among them and --overwrite would delete them; a run's own folder is
-    fine (its eval/ and plots/ included), and so is an empty one."""
+def test_a_run_dir_holding_other_files_needs_overwrite_which_keeps_them(amft, trained, tiny_data, tmp_path):
+    """A fresh start among files no run writes (a project folder) is refused; --overwrite trains
+    there and deletes only what a run wrote, keeping the rest (notes, a scheduler's log, .git);
+    --auto-resume (its log may be in the folder) starts or continues as usual."""
     mine = tmp_path / "project"
     shutil.copytree(trained, mine)
     (mine / "notes.md").write_text("mine")
+    (mine / ".git").mkdir()
     before = snapshot(mine)
-    for extra in ([], ["--overwrite"], ["--auto-resume"]):
-        one_line_error(amft("train", "--run-dir", str(mine), "--steps", "1", *extra),
-                       f"{mine} holds files that are not a run's (notes.md)", "pick a new or empty --run-dir")
+    one_line_error(amft("train", "--run-dir", str(mine), "--steps", "1"),
+                   f"{mine} holds files that are not a run's (notes.md): pick a new or empty --run-dir, or pass "
+                   "--overwrite")
     assert snapshot(mine) == before
-    (mine / "notes.md").unlink()
-    (mine / "empty").mkdir()
-    (mine / "empty" / "plots").mkdir()
-    (mine / "empty" / "sweep.log").write_text("")
-    assert foreign_files(mine) == ["empty"] and foreign_files(mine / "empty") == []
-    assert foreign_files(trained) == []  # what training and eval wrote
+    sets = [*flags(tiny_sets(tiny_data)), "--set", "train.eval_at_end=false", "--plain"]
+    result = amft("train", "--run-dir", str(mine), "--steps", "2", "--algo", "sft", "--overwrite", *sets)
+    assert result.returncode == 0, result.stderr
+    assert (mine / "notes.md").read_text() == "mine" and (mine / ".git").is_dir()
+    assert sorted(p.name for p in (mine / "checkpoints").iterdir()) == ["step-2"]  # the old run's step-4 went
+    scheduled = tmp_path / "scheduled"
+    scheduled.mkdir()
+    (scheduled / "slurm-1.out").write_text("")
+    for steps in ("2", "4"):  # a first start, then a requeued one that continues
+        result = amft("train", "--run-dir", str(scheduled), "--steps", steps, "--algo", "sft", "--auto-resume", *sets)
+        assert result.returncode == 0, result.stderr
+    assert (scheduled / "slurm-1.out").is_file() and len(read_metrics(scheduled)) == 4
+    starts = [json.loads(line)["step"] for line in (scheduled / "environment.jsonl").read_text().splitlines()]
+    assert starts == [0, 2]  # the second start continued from step 2
+    assert foreign_files(mine) == ["notes.md"] and foreign_files(trained) == []
 
 
 def test_resume_without_a_complete_checkpoint_refuses_instead_of_starting_over(amft, trained, tmp_path):
