@@ -97,12 +97,7 @@ def _fetches_model(cfg: Config) -> bool:
 def is_prepared(cfg: Config) -> bool:
     """Data splits exist and are current, and the tiny model (current too) or the local copy of
     a hub model when the config has one."""
-    from amft_cli.pretrained import has_model
-
-    data_ok = split_path(cfg, "train").is_file() and not is_stale(cfg)
-    if cfg.model.init == "tiny":
-        return data_ok and _model_ok(cfg)
-    return data_ok and (not _fetches_model(cfg) or has_model(cfg.model.local_copy))
+    return not stale_parts(cfg)
 
 
 def stale_parts(cfg: Config, eval_only: bool = False, force: bool = False) -> list[str]:
